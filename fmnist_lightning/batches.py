@@ -1,0 +1,92 @@
+"""Whole batches cut from in-memory tensors, with the loader pieces Lightning needs to shard and resume them.
+
+A split is one uint8 tensor (N x 1 x 28 x 28) and one label tensor. The DataLoader asks the dataset for
+a whole batch of indices at once (`__getitems__`), so there is no per-sample Python or PIL work and no
+collation; the tensors may live on the GPU, in which case batches are cut there.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TensorBatchDataset(Dataset[Batch]):
+    """Images and labels held as two tensors; indexing with a list of indices returns a whole batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        index = torch.as_tensor(indices, device=self.labels.device)
+        return self.images[index], self.labels[index]
+
+    def to(self, device: torch.device) -> "TensorBatchDataset":
+        """The same split with both tensors on `device` (one copy of the whole split, not one per batch)."""
+        return TensorBatchDataset(self.images.to(device), self.labels.to(device))
+
+
+def already_collated(batch: Batch) -> Batch:
+    """`collate_fn` for a dataset that returns whole batches: nothing left to stack."""
+    return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch), so a resumed epoch replays the same order."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every training epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.length, generator=generator).tolist()
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in Lightning checkpoints.
+
+    Lightning stores `state_dict()` of loaders that have one, and restores it before a resumed epoch;
+    the loader then skips the batches the interrupted run had already trained on, so a run resumed
+    from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would.
+    """
+
+    _batches_done = 0
+    _batches_to_skip = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = super().__iter__()
+        self._batches_done = 0
+        skip, self._batches_to_skip = self._batches_to_skip, 0
+        for _ in range(skip):
+            next(batches)
+            self._batches_done += 1
+        for batch in batches:
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        # A finished epoch is saved as 0: a restart after it begins the next epoch from its first batch.
+        return {"batches_done": self._batches_done % len(self)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._batches_to_skip = state_dict["batches_done"]

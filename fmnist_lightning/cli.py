@@ -1,0 +1,110 @@
+"""`fmnist` / `python -m fmnist_lightning`: Lightning's CLI over the model and the data module."""
+
+import logging
+import os
+import sys
+import warnings
+from argparse import ArgumentError
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.module import FashionMNISTClassifier
+
+DEBUG_ENV = "FMNIST_DEBUG"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class FashionMNISTCLI(LightningCLI):
+    """LightningCLI with `--test_after_fit` and a closing summary of where a run left its files."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="fit only: test the best checkpoint on the official test set once training ends",
+        )
+
+    def after_fit(self) -> None:
+        scores = dict(self.trainer.callback_metrics)
+        if self.config.fit.test_after_fit:
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            scores.update(self.trainer.callback_metrics)
+        self._print_summary(scores)
+
+    def after_test(self) -> None:
+        self._print_summary(self.trainer.callback_metrics)
+
+    def after_validate(self) -> None:
+        self._print_summary(self.trainer.callback_metrics)
+
+    def _print_summary(self, scores: Mapping[str, Any]) -> None:
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer, scores), flush=True)
+
+
+def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
+    """A few lines saying where the run's logs, checkpoints and scores are."""
+    lines = []
+    if trainer.log_dir is not None:
+        lines.append(f"run folder:       {trainer.log_dir}")
+        metrics_file = Path(trainer.log_dir) / "metrics.csv"
+        if metrics_file.is_file():
+            lines.append(f"metrics log:      {metrics_file}")
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_path:
+        lines.append(f"best checkpoint:  {checkpoint.best_model_path}")
+    if checkpoint is not None and checkpoint.last_model_path:
+        lines.append(f"last checkpoint:  {checkpoint.last_model_path}")
+    for stage, label in (("val", "validation"), ("test", "test")):
+        if f"{stage}_acc" in scores:
+            lines.append(
+                f"{label + ':':<17} accuracy {float(scores[f'{stage}_acc']):.4f}, "
+                f"loss {float(scores[f'{stage}_loss']):.4f}"
+            )
+    return "\n".join(lines)
+
+
+def quiet_lightning_noise() -> None:
+    """Drop Lightning's advertising tips and a torch deprecation warning that users cannot act on."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+    )
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; a UserError is one line on stderr and exit status 2 (FMNIST_DEBUG=1: a traceback)."""
+    quiet_lightning_noise()
+    # Parse errors raise instead of printing the whole usage, so that they too become one line.
+    parser_kwargs = {"description": __doc__, "exit_on_error": False}
+    parser_kwargs.update({name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS})
+    try:
+        FashionMNISTCLI(
+            FashionMNISTClassifier,
+            FashionMNISTDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+        )
+    except (UserError, ArgumentError) as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = str(error) if isinstance(error, UserError) else describe_parse_error(str(error))
+        print(f"fmnist: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def describe_parse_error(message: str) -> str:
+    """jsonargparse's message, made fit for one line and pointed at the help."""
+    if message.startswith("Unexpected config:"):
+        message = "the --config file is not a YAML mapping of options"
+    elif len(message) > 300:
+        message = message[:300] + "..."
+    return f"{message} (see `fmnist SUBCOMMAND --help` for the options)"

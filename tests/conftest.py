@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny valid Fashion-MNIST in torchvision's layout, and the real one when installed."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from fmnist_lightning.sources import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
+from helpers import write_tiny_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_dir with 400 training and 100 test images in torchvision's layout; tests must not change it."""
+    data_dir = tmp_path_factory.mktemp("tiny-data")
+    write_tiny_dataset(raw_folder(data_dir))
+    return data_dir
+
+
+@pytest.fixture
+def tiny_system_dir(tmp_path: Path, tiny_data_dir: Path) -> Path:
+    """A stand-in for /usr/share/datasets/fashion-mnist: the tiny files, gzipped."""
+    system_dir = tmp_path / "system"
+    system_dir.mkdir()
+    for name in RAW_FILE_NAMES:
+        with gzip.open(system_dir / f"{name}.gz", "wb") as archive:
+            archive.write((raw_folder(tiny_data_dir) / name).read_bytes())
+    return system_dir
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official files, unpacked from the system copy; tests using it are skipped where it is absent."""
+    if not all((SYSTEM_DATA_DIR / f"{name}.gz").is_file() for name in RAW_FILE_NAMES):
+        pytest.skip(
+            f"real Fashion-MNIST not installed in {SYSTEM_DATA_DIR} (apt-get install dataset-fashion-mnist)"
+        )
+    data_dir = tmp_path_factory.mktemp("real-data")
+    ensure_dataset(data_dir, download=False)
+    return data_dir

@@ -1,0 +1,116 @@
+"""The CLI end to end on the tiny data: fit, test, versions, and one-line errors for bad input."""
+
+import re
+
+import pytest
+
+from helpers import BASE_CONFIG, read_metrics, run_cli, tiny_fit_args, tree_snapshot
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_data_dir, tmp_path_factory):
+    """`fit --test_after_fit true` once, shared by the tests that inspect its outputs."""
+    workdir = tmp_path_factory.mktemp("cli")
+    result = run_cli("fit", *tiny_fit_args(tiny_data_dir), "--test_after_fit", "true", cwd=workdir)
+    return workdir, result
+
+
+def test_fit_logs_every_epoch_and_saves_best_and_last_checkpoints(fitted_run):
+    workdir, _ = fitted_run
+    run_dir = workdir / "runs" / "base" / "version_0"
+    rows = read_metrics(run_dir)
+    assert [row["epoch"] for row in rows if row["val_acc"]] == ["0", "1"]
+    assert [row["epoch"] for row in rows if row["train_acc"]] == ["0", "1"]
+    assert all(0 <= float(row["val_acc"]) <= 1 for row in rows if row["val_acc"])
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    assert [name for name in checkpoints if name.startswith("best-")]
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_test_after_fit_reports_the_best_checkpoints_score_and_where_things_are(fitted_run):
+    workdir, result = fitted_run
+    run_dir = workdir / "runs" / "base" / "version_0"
+    test_rows = [row for row in read_metrics(run_dir) if row["test_acc"]]
+    assert len(test_rows) == 1
+    printed = re.search(r"test:\s+accuracy (\d\.\d{4}), loss (\d+\.\d{4})", result.stdout)
+    assert printed, result.stdout
+    assert float(printed.group(1)) == pytest.approx(float(test_rows[0]["test_acc"]), abs=5e-5)
+    assert float(printed.group(2)) == pytest.approx(float(test_rows[0]["test_loss"]), abs=5e-5)
+    assert "run folder:       runs/base/version_0" in result.stdout
+    assert "best checkpoint:  runs/base/version_0/checkpoints/best-" in result.stdout
+
+
+def test_test_subcommand_scores_a_checkpoint_file(fitted_run, tiny_data_dir):
+    workdir, first = fitted_run
+    best = next((workdir / "runs" / "base" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    result = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(best), cwd=workdir)
+    expected = re.search(r"test:\s+(accuracy \S+, loss \S+)", first.stdout).group(1)
+    assert f"test:             {expected}" in result.stdout
+
+
+def test_a_second_fit_gets_its_own_version_and_leaves_the_first_untouched(fitted_run, tiny_data_dir):
+    workdir, _ = fitted_run
+    first_run = workdir / "runs" / "base" / "version_0"
+    before = tree_snapshot(first_run)
+    result = run_cli("fit", *tiny_fit_args(tiny_data_dir, epochs=1), cwd=workdir)
+    assert tree_snapshot(first_run) == before
+    second_run = re.search(r"run folder:\s+(runs/base/version_\d+)", result.stdout).group(1)
+    assert second_run != "runs/base/version_0"
+    assert (workdir / second_run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.batch_size", "0"], "data.batch_size must be at least 1, got 0"),
+        (["--data.batch_size", "-3"], "data.batch_size must be at least 1, got -3"),
+        (
+            ["--data.batch_size", "abc"],
+            "Parser key \"data.batch_size\": Expected a <class 'int'>. Got value: abc",
+        ),
+        (["--data.val_size", "60000"], "data.val_size=60000 leaves"),
+        (["--trainer.max_epochz", "3"], "unrecognized arguments: --trainer.max_epochz"),
+    ],
+)
+def test_bad_settings_give_one_line_and_a_nonzero_exit(tmp_path, tiny_data_dir, extra, message):
+    result = run_cli("fit", *tiny_fit_args(tiny_data_dir), *extra, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("fmnist: error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_or_non_yaml_config_files_are_refused(tmp_path):
+    not_yaml = tmp_path / "notes.yaml"
+    not_yaml.write_text("just: [unclosed\n")
+    for config, message in (
+        (tmp_path / "nope.yaml", "File does not exist"),
+        (not_yaml, "Problems parsing config"),
+    ):
+        result = run_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr
+
+
+def test_missing_data_with_no_way_to_get_it_is_one_line(tmp_path):
+    result = run_cli(
+        "fit",
+        "--config",
+        str(BASE_CONFIG),
+        "--data.data_dir",
+        str(tmp_path / "empty"),
+        "--data.system_dir",
+        str(tmp_path / "no-system-copy"),
+        "--data.download",
+        "false",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fmnist: error: Fashion-MNIST not found")
+    assert not (tmp_path / "runs").exists()
+    assert "Traceback" not in result.stderr
