@@ -16,9 +16,7 @@ def atomic_write(destination: str | os.PathLike, mode: str = "wb", **open_kwargs
     exactly as it was.
     """
     destination = Path(destination)
-    handle, temporary = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
-    )
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
     os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the permissions open() would
     try:
         with os.fdopen(handle, mode, **open_kwargs) as file:

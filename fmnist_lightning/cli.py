@@ -9,14 +9,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
 from lightning import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerFn
 
+from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
 
 DEBUG_ENV = "FMNIST_DEBUG"
+CLI_DESCRIPTION = (
+    "Train, evaluate and inspect the original Keras Fashion-MNIST CNN with Lightning. Besides the "
+    "subcommands below: `fmnist plot RUN` draws a run's curves."
+)
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -58,10 +65,13 @@ def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
         if metrics_file.is_file():
             lines.append(f"metrics log:      {metrics_file}")
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.best_model_path:
-        lines.append(f"best checkpoint:  {checkpoint.best_model_path}")
-    if checkpoint is not None and checkpoint.last_model_path:
-        lines.append(f"last checkpoint:  {checkpoint.last_model_path}")
+    if trainer.state.fn == TrainerFn.FITTING or (checkpoint is not None and checkpoint.last_model_path):
+        if checkpoint is not None and checkpoint.best_model_path:
+            lines.append(f"best checkpoint:  {checkpoint.best_model_path}")
+        if checkpoint is not None and checkpoint.last_model_path:
+            lines.append(f"last checkpoint:  {checkpoint.last_model_path}")
+    elif trainer.ckpt_path:
+        lines.append(f"checkpoint:       {trainer.ckpt_path}")
     for stage, label in (("val", "validation"), ("test", "test")):
         if f"{stage}_acc" in scores:
             lines.append(
@@ -79,20 +89,43 @@ def quiet_lightning_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+def plot_command(args: list[str]) -> None:
+    """`fmnist plot RUN [RUN ...]`: accuracy and loss curves from CSV logs."""
+    parser = ArgumentParser(prog="fmnist plot", description=plot_command.__doc__, exit_on_error=False)
+    parser.add_argument("runs", nargs="+", help="run folders, metrics.csv files, or folders holding runs")
+    parser.add_argument("--out", help="folder for the images (default: the run's folder, or the runs' parent)")
+    parser.add_argument("--format", nargs="+", default=["png"], help=f"one or more of {', '.join(FORMATS)}")
+    config = parser.parse_args(args)
+    for path in draw_curves(config.runs, config.out, config.format):
+        print(f"curves:           {path}")
+
+
+TOOL_COMMANDS = {"plot": plot_command}
+
+
+def lightning_command(args: list[str] | None) -> None:
+    """fit / validate / test / predict through LightningCLI."""
+    # Parse errors raise instead of printing the whole usage, so that they too become one line.
+    parser_kwargs = {"description": CLI_DESCRIPTION, "exit_on_error": False}
+    parser_kwargs.update({name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS})
+    FashionMNISTCLI(
+        FashionMNISTClassifier,
+        FashionMNISTDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a UserError is one line on stderr and exit status 2 (FMNIST_DEBUG=1: a traceback)."""
     quiet_lightning_noise()
-    # Parse errors raise instead of printing the whole usage, so that they too become one line.
-    parser_kwargs = {"description": __doc__, "exit_on_error": False}
-    parser_kwargs.update({name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS})
+    argv = sys.argv[1:] if args is None else args
     try:
-        FashionMNISTCLI(
-            FashionMNISTClassifier,
-            FashionMNISTDataModule,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=parser_kwargs,
-        )
+        if argv and argv[0] in TOOL_COMMANDS:
+            TOOL_COMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_command(args)
     except (UserError, ArgumentError) as error:
         if os.environ.get(DEBUG_ENV):
             raise

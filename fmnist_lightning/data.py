@@ -57,9 +57,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
         if val_size < 0:
-            raise UserError(
-                f"data.val_size must be a fraction in (0, 1) or a number of images, got {val_size}"
-            )
+            raise UserError(f"data.val_size must be a fraction in (0, 1) or a number of images, got {val_size}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size

@@ -37,13 +37,9 @@ def idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
     dims = struct.unpack(f">{ndim}I", dims_bytes)
     expected_size = 4 + 4 * ndim + math.prod(dims)
     if size < expected_size:
-        raise DataError(
-            f"{path} is truncated: {size:,} bytes, its header announces {expected_size:,}; {FIX_HINT}"
-        )
+        raise DataError(f"{path} is truncated: {size:,} bytes, its header announces {expected_size:,}; {FIX_HINT}")
     if size > expected_size:
-        raise DataError(
-            f"{path} has {size - expected_size:,} bytes more than its header announces; {FIX_HINT}"
-        )
+        raise DataError(f"{path} has {size - expected_size:,} bytes more than its header announces; {FIX_HINT}")
     return dims
 
 
@@ -52,8 +48,7 @@ def check_split_files(images_path: Path, labels_path: Path) -> int:
     count, height, width = idx_dims(images_path, ndim=3)
     if (height, width) != (IMAGE_SIDE, IMAGE_SIDE):
         raise DataError(
-            f"{images_path} holds {height}x{width} images, Fashion-MNIST's are "
-            f"{IMAGE_SIDE}x{IMAGE_SIDE}; {FIX_HINT}"
+            f"{images_path} holds {height}x{width} images, Fashion-MNIST's are {IMAGE_SIDE}x{IMAGE_SIDE}; {FIX_HINT}"
         )
     (label_count,) = idx_dims(labels_path, ndim=1)
     if label_count != count:

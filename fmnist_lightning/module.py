@@ -40,9 +40,7 @@ class FashionMNISTClassifier(LightningModule):
         self.network = original_cnn(NUM_CLASSES)
         # One metric object per stage (train_acc, val_loss, ...); torchmetrics syncs them under DDP.
         for stage in STAGES:
-            setattr(
-                self, f"{stage}_acc", MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
-            )
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False))
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         # Lets the fit-start summary show every layer's output shape, like the Keras summary.
         self.example_input_array = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
@@ -51,7 +49,8 @@ class FashionMNISTClassifier(LightningModule):
         """Logits for a batch of 28x28 grayscale images (uint8 0-255, or float in [0, 1])."""
         return self.network(self.input_scaling(images))
 
-    def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and mean loss of a batch; updates the stage's metrics."""
         images, labels = batch
         logits = self(images)
         losses = F.cross_entropy(logits, labels, reduction="none")
@@ -59,16 +58,18 @@ class FashionMNISTClassifier(LightningModule):
         # Per-image losses, so the epoch mean is exact for a short last batch. (MeanMetric's `weight`
         # is ignored with nan_strategy="disable", which keeps the step free of host syncs.)
         self.stage_metrics(stage)["loss"].update(losses.detach())
-        return losses.mean()
+        return logits, losses.mean()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")[1]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Also returns the probabilities, for callbacks that report on the test set (TestReport)."""
+        logits, _ = self._shared_step(batch, "test")
+        return {"probabilities": logits.softmax(dim=1)}
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, labels = batch

@@ -44,9 +44,7 @@ def split_paths(data_dir: str | os.PathLike, split: str) -> tuple[Path, Path]:
     return raw_folder(data_dir) / images_name, raw_folder(data_dir) / labels_name
 
 
-def ensure_dataset(
-    data_dir: str | os.PathLike, system_dir: Path = SYSTEM_DATA_DIR, download: bool = True
-) -> str:
+def ensure_dataset(data_dir: str | os.PathLike, system_dir: Path = SYSTEM_DATA_DIR, download: bool = True) -> str:
     """Make sure all four files are in `data_dir` and valid; return where they came from.
 
     Sources are tried in order: the data folder itself, the system copy, torchvision's download.

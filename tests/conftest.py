@@ -32,9 +32,7 @@ def tiny_system_dir(tmp_path: Path, tiny_data_dir: Path) -> Path:
 def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The official files, unpacked from the system copy; tests using it are skipped where it is absent."""
     if not all((SYSTEM_DATA_DIR / f"{name}.gz").is_file() for name in RAW_FILE_NAMES):
-        pytest.skip(
-            f"real Fashion-MNIST not installed in {SYSTEM_DATA_DIR} (apt-get install dataset-fashion-mnist)"
-        )
+        pytest.skip(f"real Fashion-MNIST not installed in {SYSTEM_DATA_DIR} (apt-get install dataset-fashion-mnist)")
     data_dir = tmp_path_factory.mktemp("real-data")
     ensure_dataset(data_dir, download=False)
     return data_dir

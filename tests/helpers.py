@@ -57,9 +57,7 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> 
         timeout=timeout,
     )
     if check and result.returncode != 0:
-        raise AssertionError(
-            f"fmnist {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
-        )
+        raise AssertionError(f"fmnist {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
 

@@ -1,9 +1,12 @@
 """The CLI end to end on the tiny data: fit, test, versions, and one-line errors for bad input."""
 
+import csv
 import re
+from pathlib import Path
 
 import pytest
 
+from fmnist_lightning import CLASS_NAMES
 from helpers import BASE_CONFIG, read_metrics, run_cli, tiny_fit_args, tree_snapshot
 
 
@@ -114,3 +117,28 @@ def test_missing_data_with_no_way_to_get_it_is_one_line(tmp_path):
     assert last.startswith("fmnist: error: Fashion-MNIST not found")
     assert not (tmp_path / "runs").exists()
     assert "Traceback" not in result.stderr
+
+
+def test_fit_and_test_leave_their_pictures_and_reports_in_the_run_folder(fitted_run):
+    workdir, result = fitted_run
+    run_dir = workdir / "runs" / "base" / "version_0"
+    for name in (
+        "accuracy.png",
+        "loss.png",
+        "confusion_matrix.png",
+        "most_confident_mistakes.png",
+        "test_samples.png",
+    ):
+        assert (run_dir / name).stat().st_size > 10_000, name
+        assert str(Path("runs/base/version_0") / name) in result.stdout
+    with open(run_dir / "confusion_matrix.csv", newline="") as file:
+        counts = [[int(cell) for cell in row[1:]] for row in list(csv.reader(file))[1:]]
+    test_acc = float(next(row["test_acc"] for row in read_metrics(run_dir) if row["test_acc"]))
+    assert sum(map(sum, counts)) == 100  # the tiny test set
+    assert sum(counts[i][i] for i in range(10)) / 100 == pytest.approx(test_acc)
+    with open(run_dir / "per_class_report.csv", newline="") as file:
+        report = list(csv.reader(file))
+    assert [row[0] for row in report[1:11]] == list(CLASS_NAMES)
+    assert report[-1][0] == "micro average"
+    assert float(report[-1][2]) == pytest.approx(test_acc, abs=5e-5)
+    assert "| micro average |" in result.stdout

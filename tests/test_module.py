@@ -35,9 +35,7 @@ def test_fit_start_summary_matches_the_keras_summary_layer_by_layer():
     summary = ModelSummary(FashionMNISTClassifier(), max_depth=2)
     rows = {
         name: (out_size, params)
-        for name, out_size, params in zip(
-            summary.layer_names, summary.out_sizes, summary.param_nums, strict=True
-        )
+        for name, out_size, params in zip(summary.layer_names, summary.out_sizes, summary.param_nums, strict=True)
     }
     for keras_name, keras_shape, keras_params in KERAS_SUMMARY:
         out_size, params = rows[f"network.{keras_name}"]

@@ -66,9 +66,7 @@ def test_download_is_the_last_resort(tmp_path, tiny_data_dir, monkeypatch):
 
 def test_no_source_gives_one_error_naming_both_ways_to_get_the_data(tmp_path, monkeypatch):
     def offline(root, train, download):
-        raise RuntimeError(
-            "Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\nno network"
-        )
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\nno network")
 
     monkeypatch.setattr(sources, "FashionMNIST", offline)
 

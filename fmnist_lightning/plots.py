@@ -1,0 +1,117 @@
+"""Pure plotting functions: metrics or predictions in, a matplotlib Figure out.
+
+Figures are built with matplotlib's object-oriented API (no pyplot), so drawing is headless everywhere
+and leaves no global state behind; `save_figure` writes them atomically.
+"""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.metrics_log import RunMetrics
+
+DPI = 120
+STAGE_STYLE = {
+    "train": {"linestyle": "--", "label": "train"},
+    "val": {"linestyle": "-", "label": "validation"},
+}
+CURVE_QUANTITIES = {"acc": "Accuracy", "loss": "Loss (cross-entropy)"}
+
+
+def curve_figure(runs: Sequence[RunMetrics], quantity: str) -> Figure:
+    """Train and validation `quantity` ("acc" or "loss") per epoch; one colour per run when comparing.
+
+    Epochs are shown 1-based, as Keras prints them. Every point has a marker, so a one-epoch run
+    still shows up.
+    """
+    figure = Figure(figsize=(7.5, 4.8), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for run, color in zip(runs, colors, strict=True):
+        for stage, style in STAGE_STYLE.items():
+            epochs, values = run.series(f"{stage}_{quantity}")
+            if not epochs:
+                continue
+            label = style["label"] if len(runs) == 1 else f"{run.name} ({style['label']})"
+            axes.plot(
+                [epoch + 1 for epoch in epochs],
+                values,
+                marker="o",
+                markersize=4,
+                linestyle=style["linestyle"],
+                color=color if len(runs) > 1 else ("C0" if stage == "train" else "C1"),
+                label=label,
+            )
+    if len(runs) == 1 and f"test_{quantity}" in runs[0].final:
+        test_value = runs[0].final[f"test_{quantity}"]
+        axes.axhline(test_value, color="C2", linestyle=":", label=f"test: {test_value:.4f}")
+    title = CURVE_QUANTITIES[quantity]
+    axes.set_title(f"{title} per epoch" + (f": {runs[0].name}" if len(runs) == 1 else ""))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(title.lower() if quantity == "loss" else "accuracy (fraction correct)")
+    last_epoch = max(max(run.series(f"{stage}_{quantity}")[0], default=0) for run in runs for stage in STAGE_STYLE)
+    if last_epoch < 20:
+        axes.set_xticks(range(1, last_epoch + 2))
+    else:
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right" if quantity == "acc" else "upper right", fontsize="small")
+    return figure
+
+
+def confusion_matrix_figure(counts: np.ndarray, normalised: np.ndarray, class_names: Sequence[str]) -> Figure:
+    """Counts and row-normalised (recall per true class) confusion matrices side by side."""
+    figure = Figure(figsize=(15, 6.8), dpi=DPI, layout="constrained")
+    panels = figure.subplots(1, 2)
+    for axes, matrix, title, text_format in (
+        (panels[0], counts, "Counts", "{:.0f}"),
+        (panels[1], normalised, "Normalised by true class (rows sum to 1)", "{:.2f}"),
+    ):
+        image = axes.imshow(matrix, cmap="Blues", vmin=0)
+        figure.colorbar(image, ax=axes, shrink=0.8)
+        threshold = matrix.max() / 2
+        for (row, column), value in np.ndenumerate(matrix):
+            axes.text(
+                column,
+                row,
+                text_format.format(value),
+                ha="center",
+                va="center",
+                fontsize=7.5,
+                color="white" if value > threshold else "black",
+            )
+        ticks = range(len(class_names))
+        axes.set_xticks(ticks, class_names, rotation=40, ha="right", rotation_mode="anchor")
+        axes.set_yticks(ticks, class_names)
+        axes.set_xlabel("predicted class")
+        axes.set_ylabel("true class")
+        axes.set_title(title)
+    figure.suptitle(f"Confusion matrix on {int(counts.sum()):,} test images")
+    return figure
+
+
+def image_grid_figure(
+    images: np.ndarray, captions: Sequence[str], correct: Sequence[bool], title: str, columns: int = 5
+) -> Figure:
+    """28x28 images in a grid, each with a caption; green captions are right predictions, red wrong."""
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(2.1 * columns, 2.45 * rows + 0.5), dpi=DPI, layout="constrained")
+    panels = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for index, axes in enumerate(panels):
+        axes.axis("off")
+        if index >= len(images):
+            continue
+        axes.imshow(images[index], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        axes.set_title(captions[index], fontsize=8, color="tab:green" if correct[index] else "tab:red")
+    figure.suptitle(title)
+    return figure
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> None:
+    """Write a figure (format from the suffix: .png or .svg) through a temporary file."""
+    suffix = os.fspath(path).rsplit(".", 1)[-1]
+    with atomic_write(path) as file:
+        figure.savefig(file, format=suffix, dpi=DPI)

@@ -1,0 +1,105 @@
+"""Per-class evaluation numbers (torchmetrics) and the CSV / Markdown files they are written to."""
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.atomic import atomic_write
+
+SCORES = ("precision", "recall", "f1")
+AVERAGES = ("macro", "micro")
+
+
+@dataclass
+class ClassificationReport:
+    """Confusion counts (rows: true class) and precision/recall/F1 per class and averaged."""
+
+    confusion: torch.Tensor
+    per_class: dict[str, torch.Tensor]
+    averages: dict[str, dict[str, float]]
+
+    @property
+    def support(self) -> torch.Tensor:
+        return self.confusion.sum(dim=1)
+
+
+class ClassificationReportMetric(nn.Module):
+    """Accumulates predictions batch by batch (synchronised across processes under DDP)."""
+
+    def __init__(self, num_classes: int = len(CLASS_NAMES)) -> None:
+        super().__init__()
+        metrics: dict[str, nn.Module] = {"confusion": MulticlassConfusionMatrix(num_classes)}
+        score_classes = {
+            "precision": MulticlassPrecision,
+            "recall": MulticlassRecall,
+            "f1": MulticlassF1Score,
+        }
+        for average in (None, *AVERAGES):
+            for score, metric_class in score_classes.items():
+                metrics[f"{score}_{average or 'class'}"] = metric_class(num_classes, average=average)
+        self.metrics = MetricCollection(metrics)
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        self.metrics.update(predictions, labels)
+
+    def compute(self) -> ClassificationReport:
+        values = {name: value.cpu() for name, value in self.metrics.compute().items()}
+        return ClassificationReport(
+            confusion=values["confusion"],
+            per_class={score: values[f"{score}_class"] for score in SCORES},
+            averages={avg: {score: float(values[f"{score}_{avg}"]) for score in SCORES} for avg in AVERAGES},
+        )
+
+
+def report_rows(report: ClassificationReport, class_names: Sequence[str] = CLASS_NAMES) -> list[list[str]]:
+    """Header, one row per class, then the macro and micro averages; numbers to 4 decimals."""
+    rows = [["class", *SCORES, "support"]]
+    for index, name in enumerate(class_names):
+        scores = [f"{float(report.per_class[score][index]):.4f}" for score in SCORES]
+        rows.append([name, *scores, str(int(report.support[index]))])
+    total = str(int(report.support.sum()))
+    for average in AVERAGES:
+        rows.append([f"{average} average", *(f"{report.averages[average][s]:.4f}" for s in SCORES), total])
+    return rows
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    header, *body = rows
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Sequence[str]], path: str | os.PathLike) -> None:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as file:
+        csv.writer(file).writerows(rows)
+
+
+def confusion_rows(
+    confusion: torch.Tensor, normalize: bool = False, class_names: Sequence[str] = CLASS_NAMES
+) -> list[list[str]]:
+    """The matrix as CSV rows (true classes) and columns (predicted); `normalize` divides rows by their sum."""
+    if normalize:
+        cells = [[f"{value:.4f}" for value in row] for row in row_normalised(confusion).tolist()]
+    else:
+        cells = [[str(value) for value in row] for row in confusion.tolist()]
+    header = ["true \\ predicted", *class_names]
+    return [header] + [[name, *row] for name, row in zip(class_names, cells, strict=True)]
+
+
+def row_normalised(confusion: torch.Tensor) -> torch.Tensor:
+    """Each true class's row divided by its count (a class with no images stays all zeros)."""
+    totals = confusion.sum(dim=1, keepdim=True)
+    return confusion.double() / totals.clamp(min=1)
