@@ -1,34 +1,42 @@
 """`fmnist` / `python -m fmnist_lightning`: Lightning's CLI over the model and the data module."""
 
+import inspect
 import logging
 import os
 import sys
 import warnings
 from argparse import ArgumentError
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
-from lightning import Trainer
+from lightning import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
+from fmnist_lightning.callbacks import PredictionWriter
+from fmnist_lightning.checkpoints import ensure_checkpoint_fits, load_checkpoint
 from fmnist_lightning.curves import FORMATS, draw_curves
-from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
+from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
+from fmnist_lightning.export import export_checkpoint
 from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.runtime import configure_runtime
 
 DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (
     "Train, evaluate and inspect the original Keras Fashion-MNIST CNN with Lightning. Besides the "
-    "subcommands below: `fmnist plot RUN` draws a run's curves."
+    "subcommands below: `fmnist plot RUN` draws a run's curves, `fmnist export --ckpt_path CKPT` writes "
+    "ONNX or TorchScript."
 )
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 class FashionMNISTCLI(LightningCLI):
-    """LightningCLI with `--test_after_fit` and a closing summary of where a run left its files."""
+    """LightningCLI with safe checkpoints, `--test_after_fit`, and a summary of where a run left its files."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -37,6 +45,43 @@ class FashionMNISTCLI(LightningCLI):
             default=False,
             help="fit only: test the best checkpoint on the official test set once training ends",
         )
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # --predictions.output/format/top_k
+        # Checkpoints are saved atomically and loaded without running pickled code, whatever the config.
+        parser.set_defaults({"trainer.plugins": [{"class_path": "fmnist_lightning.checkpoints.SafeCheckpointIO"}]})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Also check `--ckpt_path` before LightningCLI reads the model's settings from it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
+            settings = set(load_checkpoint(ckpt_path).get("hyper_parameters") or {}) - {"_instantiator"}
+            unknown = settings - set(inspect.signature(FashionMNISTClassifier).parameters)
+            if unknown:
+                raise UserError(
+                    f"{ckpt_path} belongs to another model (settings {', '.join(sorted(unknown))}); "
+                    "use a checkpoint saved by this project"
+                )
+
+    def after_instantiate_classes(self) -> None:
+        ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
+            ensure_checkpoint_fits(load_checkpoint(ckpt_path), self.model, ckpt_path)
+
+    def predict(self, **kwargs: Any) -> None:
+        """Lightning's predict, streaming: results go to the PredictionWriter, not into a list in memory."""
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
+
+    def after_predict(self) -> None:
+        writers = [callback for callback in self.trainer.callbacks if isinstance(callback, PredictionWriter)]
+        if writers and sum(writer.predicted for writer in writers) == 0:
+            failed = sum(writer.failed for writer in writers)
+            raise UserError(
+                f"nothing could be predicted: all {failed} inputs failed (reasons in {writers[0].path}); "
+                "check the paths given to --data.predict_paths"
+            )
 
     def after_fit(self) -> None:
         scores = dict(self.trainer.callback_metrics)
@@ -100,20 +145,43 @@ def plot_command(args: list[str]) -> None:
         print(f"curves:           {path}")
 
 
-TOOL_COMMANDS = {"plot": plot_command}
+def export_command(args: list[str]) -> None:
+    """`fmnist export --ckpt_path CKPT`: ONNX or TorchScript, checked against PyTorch on the test set."""
+    parser = ArgumentParser(prog="fmnist export", description=export_command.__doc__, exit_on_error=False)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint to export (.ckpt)")
+    parser.add_argument("--format", default="onnx", choices=tuple(EXPORT_FORMATS), help="onnx (default) or torchscript")
+    parser.add_argument("--output", help="model file to write (default: beside the run's checkpoints folder)")
+    parser.add_argument("--input_dtype", default="uint8", choices=("uint8", "float32"), help="pixels 0-255 or 0-1")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST folder, for the test-set check")
+    config = parser.parse_args(args)
+    model_path, metadata_path, check = export_checkpoint(
+        config.ckpt_path, config.format, config.output, config.input_dtype, config.data_dir
+    )
+    print(f"exported:         {model_path}")
+    print(f"description:      {metadata_path}")
+    print(
+        f"checked on {check['images']:,} test images: max probability difference {check['max_abs_difference']:.1e}, "
+        f"same class for {check['argmax_agreement']:.2%}, accuracy {check['exported_accuracy']:.4f} "
+        f"(PyTorch {check['pytorch_accuracy']:.4f})"
+    )
 
 
-def lightning_command(args: list[str] | None) -> None:
-    """fit / validate / test / predict through LightningCLI."""
+TOOL_COMMANDS = {"plot": plot_command, "export": export_command}
+
+
+def lightning_command(args: list[str] | None, extra_callbacks: Sequence[Callback] = ()) -> FashionMNISTCLI:
+    """fit / validate / test / predict through LightningCLI; `extra_callbacks` join the configured ones."""
+    configure_runtime()
     # Parse errors raise instead of printing the whole usage, so that they too become one line.
     parser_kwargs = {"description": CLI_DESCRIPTION, "exit_on_error": False}
     parser_kwargs.update({name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS})
-    FashionMNISTCLI(
+    return FashionMNISTCLI(
         FashionMNISTClassifier,
         FashionMNISTDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=parser_kwargs,
+        trainer_defaults={"callbacks": list(extra_callbacks)},
     )
 
 

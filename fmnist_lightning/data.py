@@ -6,6 +6,7 @@ than float batches.
 """
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from fmnist_lightning.batches import (
 )
 from fmnist_lightning.errors import DataError, UserError
 from fmnist_lightning.idx import FIX_HINT, check_split_files
+from fmnist_lightning.images import ImageFileDataset, Invert, collate_image_records
 from fmnist_lightning.sources import SYSTEM_DATA_DIR, ensure_dataset, split_paths
 
 NUM_CLASSES = 10
@@ -31,7 +33,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     Args:
         data_dir: Folder holding (or receiving) the files in torchvision's layout.
-        batch_size: Images per batch (per process under DDP).
+        batch_size: Images per training batch (per process under DDP).
+        eval_batch_size: Images per validation/test/predict batch; None means `batch_size`. Larger is
+            faster and changes no number: evaluation metrics are exact sums over the whole split.
         val_size: Held-out part of the 60,000 training images: a fraction in (0, 1) (float) or a number of
             images (int).
             The original Keras script holds out 20% (12,000).
@@ -40,38 +44,54 @@ class FashionMNISTDataModule(L.LightningDataModule):
         system_dir: Where the operating system's copy lives (Debian/Ubuntu's `dataset-fashion-mnist`).
         download: Whether torchvision may download the files when no local copy is found.
         data_on_device: Move each split to the accelerator once (GPU runs), so batches are cut there.
+        predict_paths: Image files, folders (searched recursively) or globs for `predict`; None predicts
+            the official test set.
+        invert: For `predict_paths`: "auto" turns pictures with a light border into light-on-dark like
+            Fashion-MNIST, "always"/"never" force it.
+        num_workers: DataLoader processes decoding image files for `predict_paths`.
     """
 
     def __init__(
         self,
         data_dir: str = DEFAULT_DATA_DIR,
         batch_size: int = 64,
+        eval_batch_size: int | None = None,
         val_size: int | float = 0.2,
         split_seed: int = 42,
         shuffle_seed: int = 0,
         system_dir: str = str(SYSTEM_DATA_DIR),
         download: bool = True,
         data_on_device: bool = True,
+        predict_paths: list[str] | None = None,
+        invert: Literal["auto", "always", "never"] = "auto",
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise UserError(f"data.{name} must be at least 1, got {value}")
         if val_size < 0:
             raise UserError(f"data.val_size must be a fraction in (0, 1) or a number of images, got {val_size}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.val_size = val_size
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.system_dir = Path(system_dir)
         self.download = download
         self.data_on_device = data_on_device
+        self.predict_paths = predict_paths
+        self.invert = Invert(invert)
+        self.num_workers = num_workers
         self.train_set: TensorBatchDataset | None = None
         self.val_set: TensorBatchDataset | None = None
         self.test_set: TensorBatchDataset | None = None
 
     def prepare_data(self) -> None:
+        if self._predicting_files():
+            return  # the user's own pictures need no dataset
         ensure_dataset(self.data_dir, self.system_dir, download=self.download)
         # Refuse an impossible split now, before the run creates its log folder.
         held_out_count(check_split_files(*split_paths(self.data_dir, "train")), self.val_size)
@@ -79,7 +99,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
             self.train_set, self.val_set = self._split(load_split(self.data_dir, train=True))
-        if stage in ("test", "predict") and self.test_set is None:
+        if (stage == "test" or (stage == "predict" and not self.predict_paths)) and self.test_set is None:
             self.test_set = self._on_device(load_split(self.data_dir, train=False))
 
     def _split(self, full: TensorBatchDataset) -> tuple[TensorBatchDataset, TensorBatchDataset]:
@@ -111,10 +131,20 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._in_order(self._require(self.test_set, "test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._in_order(self._require(self.test_set, "predict"))
+        if not self.predict_paths:
+            return self._in_order(self._require(self.test_set, "predict"))
+        return DataLoader(
+            ImageFileDataset(self.predict_paths, self.invert),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_image_records,
+        )
+
+    def _predicting_files(self) -> bool:
+        return bool(self.predict_paths) and self.trainer is not None and self.trainer.predicting
 
     def _in_order(self, split: TensorBatchDataset) -> DataLoader:
-        return DataLoader(split, batch_size=self.batch_size, shuffle=False, collate_fn=already_collated)
+        return DataLoader(split, batch_size=self.eval_batch_size, shuffle=False, collate_fn=already_collated)
 
     @staticmethod
     def _require(split: TensorBatchDataset | None, stage: str) -> TensorBatchDataset:

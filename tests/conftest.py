@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_lightning.sources import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
-from helpers import write_tiny_dataset
+from helpers import run_cli, tiny_fit_args, write_tiny_dataset
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,11 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("real-data")
     ensure_dataset(data_dir, download=False)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The best checkpoint of a 2-epoch fit on the tiny data (read-only by convention)."""
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    run_cli("fit", *tiny_fit_args(tiny_data_dir), cwd=workdir)
+    return next((workdir / "runs" / "base" / "version_0" / "checkpoints").glob("best-*.ckpt"))

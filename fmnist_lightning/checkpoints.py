@@ -1,0 +1,101 @@
+"""Checkpoint files: written atomically, read without running pickled code, checked to be this project's.
+
+A checkpoint is a pickle, and unpickling can run arbitrary code. Everything here loads with PyTorch's
+`weights_only=True`, which only rebuilds tensors and plain data (dicts, lists, numbers, strings) and
+refuses anything else; the project's checkpoints contain nothing else, so no allow-list of extra
+classes is needed.
+"""
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.cli import instantiate_module
+from torch import nn
+
+from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.module import FashionMNISTClassifier
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a Lightning checkpoint safely; every failure is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; give the path of a .ckpt file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain data, "
+            f"which could run code when loaded ({_first_line(error)}); only use checkpoints written by this project"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise UserError(
+            f"{path} is not a readable checkpoint (truncated or damaged: {_first_line(error)}); "
+            "use another one, e.g. the run's last.ckpt"
+        ) from error
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UserError(f"{path} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt file saved by fit")
+    return checkpoint
+
+
+def ensure_checkpoint_fits(checkpoint: dict[str, Any], model: nn.Module, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose weights belong to another model (names or shapes differ)."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in checkpoint["state_dict"].items()}
+    if expected == found:
+        return
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = sorted(name for name in expected.keys() & found.keys() if expected[name] != found[name])
+    details = "; ".join(
+        f"{label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
+        if names
+    )
+    raise UserError(
+        f"{path} belongs to another model ({details}); use a checkpoint of this model, or the config it was "
+        "trained with"
+    )
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, writing through a temporary file and loading with `weights_only`.
+
+    A process killed while saving leaves the previous checkpoint intact, never a truncated one under
+    the final name; loading never runs pickled code, whatever `weights_only` Lightning passes.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as file:
+            torch.save(checkpoint, file)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifier, Path]:
+    """Rebuild the model a checkpoint was trained with (its saved settings) and load its weights, in eval mode."""
+    checkpoint = load_checkpoint(path)
+    settings = dict(checkpoint.get("hyper_parameters") or {})
+    settings.pop("_instantiator", None)
+    settings.pop("_class_path", None)
+    try:
+        model = instantiate_module(FashionMNISTClassifier, settings)
+    except Exception as error:  # jsonargparse reports unknown or ill-typed settings in many ways
+        raise UserError(f"{path} was not saved by this project's model ({_first_line(error)})") from error
+    ensure_checkpoint_fits(checkpoint, model, path)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), Path(path)

@@ -1,0 +1,210 @@
+"""`fmnist export`: the trained model as ONNX or TorchScript, proven to agree with PyTorch on the test set.
+
+The exported graph takes a batch of 28x28 grayscale images, N x 1 x 28 x 28 with a dynamic N, as
+uint8 pixels 0-255 (default) or float32 in [0, 1] (`--input_dtype float32`), and returns the 10 class
+probabilities (softmax). Scaling and the optional normalisation are inside the graph, so a caller only
+brings pictures to 28x28 light-on-dark grayscale (see `fmnist_lightning.images`).
+
+The model is written under a temporary name, run on all 10,000 test images by onnxruntime (or
+TorchScript) and by PyTorch, and renamed into place only if the two agree; a JSON file beside it
+records the class names, the input contract, the preprocessing, the checkpoint's SHA-256 and the
+measured agreement and accuracy.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.checkpoints import model_from_checkpoint
+from fmnist_lightning.data import DEFAULT_DATA_DIR, load_split
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.sources import SYSTEM_DATA_DIR, ensure_dataset
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+MAX_ABS_DIFFERENCE = 1e-4
+MIN_ARGMAX_AGREEMENT = 0.999
+MAX_ACCURACY_GAP = 0.001
+CHECK_BATCH = 1000
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class ProbabilityModel(nn.Module):
+    """Pixels in, class probabilities out: the trained network wrapped for use outside this package."""
+
+    def __init__(self, model: FashionMNISTClassifier) -> None:
+        super().__init__()
+        self.input_scaling = copy.deepcopy(model.input_scaling)
+        self.network = copy.deepcopy(model.network).to(memory_format=torch.contiguous_format).float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(self.input_scaling(images)).softmax(dim=1)
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike,
+    format: Literal["onnx", "torchscript"] = "onnx",
+    output: str | os.PathLike | None = None,
+    input_dtype: Literal["uint8", "float32"] = "uint8",
+    data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
+) -> tuple[Path, Path, dict[str, Any]]:
+    """Export, check on the official test set, and write model + JSON; returns both paths and the check."""
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
+    model, checkpoint_path = model_from_checkpoint(ckpt_path)
+    destination = Path(output) if output else default_output(checkpoint_path, format)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {destination.parent}: {error.strerror}; choose another --output") from error
+    ensure_dataset(data_dir, SYSTEM_DATA_DIR, download=True)
+    test = load_split(data_dir, train=False)
+    images = test.images.numpy() if input_dtype == "uint8" else (test.images.float() / 255).numpy()
+    labels = test.labels.numpy()
+
+    reference = ProbabilityModel(model).eval()
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".export-") as scratch:
+        candidate = Path(scratch) / destination.name
+        runner = (
+            _write_onnx(reference, images[:2], candidate)
+            if format == "onnx"
+            else _write_torchscript(reference, images[:2], candidate)
+        )
+        check = compare(_pytorch_runner(reference), runner, images, labels)
+        if not check["passed"]:
+            raise UserError(
+                f"the {format} export disagrees with PyTorch on the test set (max difference "
+                f"{check['max_abs_difference']:.2e}, argmax agreement {check['argmax_agreement']:.4%}); nothing written"
+            )
+        os.replace(candidate, destination)
+    metadata_path = destination.with_suffix(".json")
+    metadata = describe(model, checkpoint_path, destination, format, input_dtype, check)
+    with atomic_write(metadata_path, "w", encoding="utf-8") as file:
+        json.dump(metadata, file, indent=2)
+        file.write("\n")
+    return destination, metadata_path, check
+
+
+def default_output(checkpoint_path: Path, format: str) -> Path:
+    """runs/x/version_0/checkpoints/best.ckpt -> runs/x/version_0/best.onnx (the run's folder)."""
+    folder = checkpoint_path.parent.parent if checkpoint_path.parent.name == "checkpoints" else checkpoint_path.parent
+    return folder / f"{checkpoint_path.stem}{FORMATS[format]}"
+
+
+def _write_onnx(module: nn.Module, example: np.ndarray, path: Path) -> Runner:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError('ONNX export needs onnxruntime: pip install -e ".[export]"') from None
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        module,
+        (torch.from_numpy(example),),
+        str(path),
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,  # 93K parameters: keep the weights inside the one .onnx file
+        verbose=False,
+    )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["probabilities"], {"images": images})[0]
+
+
+def _write_torchscript(module: nn.Module, example: np.ndarray, path: Path) -> Runner:
+    with warnings.catch_warnings():  # PyTorch marks TorchScript deprecated; users who ask for it know
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module, torch.from_numpy(example))
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path), map_location="cpu")
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return loaded(torch.from_numpy(images)).numpy()
+
+    return run
+
+
+def _pytorch_runner(module: nn.Module) -> Runner:
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(images)).numpy()
+
+    return run
+
+
+def compare(reference: Runner, exported: Runner, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Run both on every image; the numbers the export must meet, and whether it meets them."""
+    expected = np.concatenate([reference(images[i : i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    found = np.concatenate([exported(images[i : i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    max_difference = float(np.abs(expected - found).max())
+    agreement = float((expected.argmax(1) == found.argmax(1)).mean())
+    pytorch_accuracy = float((expected.argmax(1) == labels).mean())
+    exported_accuracy = float((found.argmax(1) == labels).mean())
+    return {
+        "images": len(images),
+        "max_abs_difference": max_difference,
+        "argmax_agreement": agreement,
+        "pytorch_accuracy": pytorch_accuracy,
+        "exported_accuracy": exported_accuracy,
+        "passed": max_difference < MAX_ABS_DIFFERENCE
+        and agreement >= MIN_ARGMAX_AGREEMENT
+        and abs(pytorch_accuracy - exported_accuracy) <= MAX_ACCURACY_GAP,
+    }
+
+
+def describe(
+    model: FashionMNISTClassifier,
+    checkpoint_path: Path,
+    model_path: Path,
+    format: str,
+    input_dtype: str,
+    check: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON written beside the model: everything a user needs to call it correctly."""
+    scaling = model.input_scaling
+    return {
+        "model_file": model_path.name,
+        "format": format,
+        "class_names": list(CLASS_NAMES),
+        "input": {
+            "name": "images",
+            "dtype": input_dtype,
+            "shape": ["batch", 1, 28, 28],
+            "range": [0, 255] if input_dtype == "uint8" else [0.0, 1.0],
+            "content": "grayscale, light garment on a dark background, longest side 28 pixels, centred",
+        },
+        "output": {"name": "probabilities", "dtype": "float32", "shape": ["batch", len(CLASS_NAMES)]},
+        "preprocessing_inside_the_model": {
+            "scale": "pixels / 255" if input_dtype == "uint8" else "none (input already in [0, 1])",
+            "normalize": {"mean": float(scaling.mean), "std": float(scaling.std)} if scaling.normalize else None,
+        },
+        "checkpoint": {"file": checkpoint_path.name, "sha256": sha256(checkpoint_path)},
+        "test_set_check": check,
+        "test_accuracy": check["exported_accuracy"],
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,43 @@
+"""Process-wide settings that make training faster without changing a single number."""
+
+import ctypes
+import ctypes.util
+import os
+
+import torch
+
+# glibc's mallopt() parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 64 * 2**20
+TRIM_THRESHOLD_BYTES = 512 * 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    A training step allocates and frees a few activation tensors of several MB. With glibc's default
+    thresholds those come from fresh mmap()s whose pages the kernel must fault in and zero every
+    step: millions of page faults per epoch, about 40% of a CPU step here. Raising the thresholds
+    turns that into plain reuse of the heap. Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def configure_runtime() -> None:
+    """Everything the CLI sets before a run:
+
+    - the allocator thresholds above (`keep_freed_memory`);
+    - Lightning's progress bar redraws every 50 steps instead of every step, which cost about a third
+      of a millisecond per step here (set TQDM_MINITERS to choose);
+    - `deterministic: true` no longer fills every new tensor with NaN (a debugging aid that exposes reads
+      of uninitialised memory, ~2 ms per step on a CPU); the deterministic algorithms themselves stay on.
+    """
+    keep_freed_memory()
+    os.environ.setdefault("TQDM_MINITERS", "50")
+    torch.utils.deterministic.fill_uninitialized_memory = False

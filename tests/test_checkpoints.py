@@ -1,0 +1,137 @@
+"""Checkpoints are code: tampered, missing, truncated and foreign files are refused; saving is atomic."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist_lightning.checkpoints import SafeCheckpointIO, load_checkpoint, model_from_checkpoint
+from fmnist_lightning.errors import UserError
+from helpers import run_cli, tiny_fit_args, tree_snapshot
+
+
+class Payload:
+    """Unpickling this runs os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def tampered(tiny_checkpoint, tmp_path):
+    """A real checkpoint with a code-running object slipped into it."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    marker = tmp_path / "payload-ran"
+    checkpoint["hyper_parameters"]["note"] = Payload(marker)
+    path = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, path)
+    return path, marker
+
+
+def test_a_tampered_checkpoint_is_refused_and_its_payload_never_runs(tampered):
+    path, marker = tampered
+    with pytest.raises(UserError, match=r"refusing to load .*tampered\.ckpt: it holds Python objects"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict", "validate"])
+def test_the_cli_refuses_a_tampered_checkpoint_without_running_it(tampered, tiny_data_dir, tmp_path, subcommand):
+    path, marker = tampered
+    result = run_cli(subcommand, *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(path), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "refusing to load" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_export_refuses_a_tampered_checkpoint(tampered, tiny_data_dir, tmp_path):
+    path, marker = tampered
+    result = run_cli("export", "--ckpt_path", str(path), "--data_dir", str(tiny_data_dir), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "refusing to load" in result.stderr
+    assert not marker.exists()
+
+
+def write_foreign(tmp_path):
+    lightning_like = tmp_path / "other-model.ckpt"
+    torch.save({"state_dict": nn.Linear(3, 2).state_dict(), "hyper_parameters": {"hidden": 3}}, lightning_like)
+    plain = tmp_path / "weights.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), plain)
+    return lightning_like, plain
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp, ckpt: tmp / "missing.ckpt", "does not exist"),
+        (lambda tmp, ckpt: _truncated(tmp, ckpt), "is not a readable checkpoint"),
+        (lambda tmp, ckpt: write_foreign(tmp)[0], "belongs to another model"),
+        (lambda tmp, ckpt: write_foreign(tmp)[1], "is not a Lightning checkpoint"),
+    ],
+)
+def test_unusable_checkpoints_give_one_line_naming_the_file(tiny_checkpoint, tiny_data_dir, tmp_path, make, message):
+    path = make(tmp_path, tiny_checkpoint)
+    before = tree_snapshot(tmp_path)
+    result = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(path), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last
+    assert str(path) in last
+    assert "Traceback" not in result.stderr
+    assert tree_snapshot(tmp_path) == before  # no run folder, nothing changed
+
+
+def _truncated(tmp_path, checkpoint):
+    path = tmp_path / "truncated.ckpt"
+    path.write_bytes(checkpoint.read_bytes()[:5000])
+    return path
+
+
+def test_a_checkpoint_with_other_layer_shapes_belongs_to_another_model(tiny_checkpoint, tmp_path):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["state_dict"]["network.dense.weight"] = torch.zeros(32, 576)
+    path = tmp_path / "reshaped.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match=r"belongs to another model \(other shape: network.dense.weight\)"):
+        model_from_checkpoint(path)
+
+
+def test_model_from_checkpoint_restores_settings_and_weights(tiny_checkpoint):
+    model, _ = model_from_checkpoint(tiny_checkpoint)
+    saved = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    assert not model.training
+    assert model.memory_format == torch.channels_last  # the base config's setting came back
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name])
+
+
+def test_saving_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    good = path.read_bytes()
+
+    def disk_full(obj, file, *args, **kwargs):
+        file.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+def test_plain_pickles_are_refused_too(tmp_path):
+    path = tmp_path / "pickle.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(tmp_path / "ran")}))
+    with pytest.raises(UserError):
+        load_checkpoint(path)
+    assert not (tmp_path / "ran").exists()

@@ -1,0 +1,92 @@
+"""The fast paths: data cut on the device, channels_last, compile, bf16, and the benchmark script."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.module import FashionMNISTClassifier
+from helpers import REPO
+
+
+def datamodule_on(device: str, data_dir) -> FashionMNISTDataModule:
+    """A DataModule set up as a Trainer on `device` would set it up (the meta device stands in for a GPU)."""
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batch_size=16)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def test_splits_move_to_the_accelerator_once_and_batches_are_cut_there(tiny_data_dir):
+    dm = datamodule_on("meta", tiny_data_dir)
+    for split in (dm.train_set, dm.val_set, dm.test_set):
+        assert split.images.device.type == "meta"
+        assert split.images.dtype == torch.uint8  # 1 byte per pixel on the device
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        images, labels = next(iter(loader))
+        assert (images.device.type, labels.device.type) == ("meta", "meta")  # no host copy per batch
+        assert images.shape == (16, 1, 28, 28)
+
+
+def test_data_on_device_can_be_turned_off(tiny_data_dir):
+    dm = FashionMNISTDataModule(data_dir=str(tiny_data_dir), download=False, data_on_device=False)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    dm.setup("fit")
+    assert dm.train_set.images.device.type == "cpu"
+
+
+def test_channels_last_computes_the_same_logits():
+    torch.manual_seed(0)
+    nchw = FashionMNISTClassifier(channels_last=False).eval()
+    nhwc = FashionMNISTClassifier(channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(nhwc(images), nchw(images), rtol=1e-4, atol=1e-5)
+    assert nhwc.network.conv2d_1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_switch_keeps_checkpoints_interchangeable():
+    assert FashionMNISTClassifier(compile=True).state_dict().keys() == FashionMNISTClassifier().state_dict().keys()
+
+
+def test_bf16_autocast_predictions_agree_with_fp32():
+    torch.manual_seed(0)
+    model = FashionMNISTClassifier(channels_last=True).eval()
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(images).float()
+    torch.testing.assert_close(low, model(images), rtol=0.05, atol=0.05)
+
+
+def test_benchmark_runs_every_pipeline_on_tiny_data(tiny_data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    script = str(REPO / "scripts" / "benchmark.py")
+    flags = ["--data-dir", str(tiny_data_dir), "--epochs", "2", "--json", str(out)]
+    result = subprocess.run(
+        [sys.executable, script, *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"a_same", "a_default", "b", "c"}
+    for pipeline in report["results"].values():
+        assert len(pipeline["epochs"]) == 2  # one per turn
+        assert all(epoch["epoch_seconds"] >= epoch["train_seconds"] > 0 for epoch in pipeline["epochs"])
+        assert pipeline["train_images"] == 320
+        assert pipeline["peak_rss_mb"] > 50
+        assert 0 <= pipeline["last_val_acc"] <= 1
+    assert set(report["ratios"]) == {
+        "a_same / b (epoch time, same settings)",
+        "a_default / b (epoch time)",
+        "a_default / b (peak memory)",
+        "c / a_default (epoch time)",
+    }
+    assert "| a_same / b (epoch time, same settings) |" in result.stdout
