@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.atomic import atomic_write
@@ -236,3 +237,39 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._files.__exit__(type(exception), exception, exception.__traceback__)  # drops the partial file
+
+
+class RandomState(L.Callback):
+    """Saves the global random number generators in checkpoints and restores them on resume.
+
+    Dropout and batch augmentation draw from them; with their state restored, a run resumed from a
+    checkpoint draws exactly what the uninterrupted run would have (the data order has its own seed).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state_dict["cuda"]))
+
+
+class SaveOnSigterm(L.Callback):
+    """On SIGTERM (what schedulers send before killing a job), save `last.ckpt`, then let Lightning exit.
+
+    Lightning stops at the end of the current batch, so the saved state is consistent; resume with
+    `fmnist fit --config ... --ckpt_path last`.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or not trainer.training or checkpoint is None:
+            return
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            print(f"received SIGTERM: saved {path}; resume with `fit --ckpt_path last`", flush=True)

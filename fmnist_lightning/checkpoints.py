@@ -66,19 +66,37 @@ def ensure_checkpoint_fits(checkpoint: dict[str, Any], model: nn.Module, path: s
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O, writing through a temporary file and loading with `weights_only`.
 
-    A process killed while saving leaves the previous checkpoint intact, never a truncated one under
-    the final name; loading never runs pickled code, whatever `weights_only` Lightning passes.
+    A process killed while saving, or a full disk, leaves the previous checkpoint intact, never a
+    truncated one under the final name; weights that are no longer finite (a diverged run) are never
+    saved over a good checkpoint; loading never runs pickled code, whatever `weights_only` Lightning
+    passes.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as file:
-            torch.save(checkpoint, file)
+        path = Path(path)
+        kept = f"{path} still holds the last good state" if path.exists() else "no checkpoint was saved"
+        broken = [name for name, tensor in checkpoint["state_dict"].items() if not _finite(tensor)]
+        if broken:
+            raise UserError(
+                f"training diverged at epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}: "
+                f"{broken[0]} is no longer finite (NaN/inf; is the learning rate too high?); stopped, {kept}"
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as file:
+                torch.save(checkpoint, file)
+        except (OSError, RuntimeError) as error:  # torch's zip writer reports a failed write as RuntimeError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+            raise UserError(f"cannot save checkpoint {path}: {reason} (disk full?); stopped, {kept}") from error
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def _first_line(error: BaseException) -> str:
@@ -99,3 +117,24 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifi
     ensure_checkpoint_fits(checkpoint, model, path)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), Path(path)
+
+
+def find_run_checkpoint(runs_root: Path, which: str) -> Path:
+    """`last` or `best` checkpoint of the newest run under `runs_root` (save_dir/name of the logger)."""
+    runs = sorted(
+        (folder for folder in runs_root.glob("version_*") if (folder / "checkpoints" / "last.ckpt").is_file()),
+        key=lambda folder: int(folder.name.removeprefix("version_")) if folder.name[8:].isdigit() else -1,
+    )
+    if not runs:
+        raise UserError(
+            f"--ckpt_path {which}: no run with a checkpoints/last.ckpt under {runs_root}; "
+            "train first, or give the path of a .ckpt file"
+        )
+    last = runs[-1] / "checkpoints" / "last.ckpt"
+    if which == "last":
+        return last
+    for state in load_checkpoint(last).get("callbacks", {}).values():
+        best = state.get("best_model_path") if isinstance(state, dict) else None
+        if best and (last.parent / Path(best).name).is_file():
+            return last.parent / Path(best).name
+    raise UserError(f"--ckpt_path best: {last} does not say which checkpoint is best; give the path of a .ckpt file")

@@ -1,9 +1,11 @@
 """`fmnist` / `python -m fmnist_lightning`: Lightning's CLI over the model and the data module."""
 
+import errno
 import inspect
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
@@ -15,8 +17,8 @@ from lightning import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
-from fmnist_lightning.callbacks import PredictionWriter
-from fmnist_lightning.checkpoints import ensure_checkpoint_fits, load_checkpoint
+from fmnist_lightning.callbacks import PredictionWriter, RandomState, SaveOnSigterm
+from fmnist_lightning.checkpoints import ensure_checkpoint_fits, find_run_checkpoint, load_checkpoint
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
@@ -45,25 +47,43 @@ class FashionMNISTCLI(LightningCLI):
             default=False,
             help="fit only: test the best checkpoint on the official test set once training ends",
         )
+        parser.add_argument(
+            "--tta",
+            type=bool,
+            default=False,
+            help="test/predict: test-time augmentation, averaging each image's probabilities with its mirror image's",
+        )
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # --predictions.output/format/top_k
         # Checkpoints are saved atomically and loaded without running pickled code, whatever the config.
         parser.set_defaults({"trainer.plugins": [{"class_path": "fmnist_lightning.checkpoints.SafeCheckpointIO"}]})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Also check `--ckpt_path` before LightningCLI reads the model's settings from it."""
+        """Also resolve `--ckpt_path last|best` to the newest run's file, and check the checkpoint before
+        LightningCLI reads the model's settings from it. Resuming `fit` from a run's checkpoint continues
+        that run's folder (same metrics.csv, same checkpoints/)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
-            settings = set(load_checkpoint(ckpt_path).get("hyper_parameters") or {}) - {"_instantiator"}
-            unknown = settings - set(inspect.signature(FashionMNISTClassifier).parameters)
-            if unknown:
-                raise UserError(
-                    f"{ckpt_path} belongs to another model (settings {', '.join(sorted(unknown))}); "
-                    "use a checkpoint saved by this project"
-                )
+        config = self.config[subcommand] if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config else None
+        if ckpt_path in ("last", "best"):
+            ckpt_path = config["ckpt_path"] = str(find_run_checkpoint(runs_root(config.trainer.logger), ckpt_path))
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
+            return
+        settings = set(load_checkpoint(ckpt_path).get("hyper_parameters") or {}) - {"_instantiator"}
+        unknown = settings - set(inspect.signature(FashionMNISTClassifier).parameters)
+        if unknown:
+            raise UserError(
+                f"{ckpt_path} belongs to another model (settings {', '.join(sorted(unknown))}); "
+                "use a checkpoint saved by this project"
+            )
+        if subcommand == "fit":
+            continue_run_folder(config.trainer.logger, Path(ckpt_path))
 
     def after_instantiate_classes(self) -> None:
+        self.model.test_time_augmentation = bool(self._get(self.config, "tta"))
+        for logger in self.trainer.loggers:
+            if getattr(logger, "root_dir", None):
+                ensure_writable_folder(Path(logger.root_dir))
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
             ensure_checkpoint_fits(load_checkpoint(ckpt_path), self.model, ckpt_path)
@@ -97,8 +117,56 @@ class FashionMNISTCLI(LightningCLI):
         self._print_summary(self.trainer.callback_metrics)
 
     def _print_summary(self, scores: Mapping[str, Any]) -> None:
+        summary = run_summary(self.trainer, scores)  # every process: trainer.log_dir is a collective call
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer, scores), flush=True)
+            print(summary, flush=True)
+
+
+def ensure_writable_folder(folder: Path) -> None:
+    """Refuse, before anything runs, an output folder that cannot be created or written to.
+
+    Checks the deepest existing part of the path without creating anything: a failing run must not
+    leave empty folders behind.
+    """
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write to the output folder {folder}: {error.strerror}; "
+            "choose another with --trainer.logger.init_args.save_dir"
+        ) from error
+
+
+def _logger_settings(logger: Any) -> Any:
+    """The init_args of the (first) configured logger, or None for `logger: false/true`."""
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    return None if logger is None or isinstance(logger, bool) else logger.get("init_args")
+
+
+def runs_root(logger: Any) -> Path:
+    """The folder holding a logger's version_N run folders: save_dir/name."""
+    settings = _logger_settings(logger)
+    if settings is None or settings.get("save_dir") is None:
+        raise UserError("--ckpt_path last/best needs a logger with a save_dir (as in configs/base.yaml)")
+    return Path(settings.save_dir) / (settings.get("name") or "")
+
+
+def continue_run_folder(logger: Any, checkpoint: Path) -> None:
+    """When resuming from runs/NAME/version_N/checkpoints/*.ckpt, log into version_N again."""
+    settings = _logger_settings(logger)
+    folder = checkpoint.resolve().parent
+    if settings is None or settings.get("save_dir") is None or folder.name != "checkpoints":
+        return
+    if folder.parent.parent == runs_root(logger).resolve() and folder.parent.name.startswith("version_"):
+        version = folder.parent.name.removeprefix("version_")
+        settings.version = int(version) if version.isdigit() else folder.parent.name
 
 
 def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
@@ -181,7 +249,9 @@ def lightning_command(args: list[str] | None, extra_callbacks: Sequence[Callback
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=parser_kwargs,
-        trainer_defaults={"callbacks": list(extra_callbacks)},
+        auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
+        # Always there, whatever the config: exact resumes need the random state, schedulers send SIGTERM.
+        trainer_defaults={"callbacks": [RandomState(), SaveOnSigterm(), *extra_callbacks]},
     )
 
 

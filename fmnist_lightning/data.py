@@ -6,13 +6,14 @@ than float batches.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import FashionMNIST
 
+from fmnist_lightning.augment import BatchAugment
 from fmnist_lightning.batches import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -49,6 +50,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         invert: For `predict_paths`: "auto" turns pictures with a light border into light-on-dark like
             Fashion-MNIST, "always"/"never" force it.
         num_workers: DataLoader processes decoding image files for `predict_paths`.
+        translate: Training augmentation: random shift of up to this many pixels (0: off).
+        flip: Training augmentation: random horizontal flip.
+        erase: Training augmentation: probability of erasing a random rectangle (0: off).
     """
 
     def __init__(
@@ -65,6 +69,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         predict_paths: list[str] | None = None,
         invert: Literal["auto", "always", "never"] = "auto",
         num_workers: int = 0,
+        translate: int = 0,
+        flip: bool = False,
+        erase: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -85,6 +92,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.predict_paths = predict_paths
         self.invert = Invert(invert)
         self.num_workers = num_workers
+        try:
+            self.augment = BatchAugment(translate, flip, erase)
+        except ValueError as error:
+            raise UserError(f"data: {error}") from None
         self.train_set: TensorBatchDataset | None = None
         self.val_set: TensorBatchDataset | None = None
         self.test_set: TensorBatchDataset | None = None
@@ -140,6 +151,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
             collate_fn=collate_image_records,
         )
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment training batches where they landed (GPU or CPU), all images of a batch at once."""
+        training = self.trainer is not None and self.trainer.training
+        if self.augment.active and training and isinstance(batch, tuple | list):  # not the summary's example
+            images, labels = batch
+            return self.augment(images), labels
+        return batch
+
     def _predicting_files(self) -> bool:
         return bool(self.predict_paths) and self.trainer is not None and self.trainer.predicting
 
@@ -158,8 +177,8 @@ def held_out_count(total: int, val_size: int | float) -> int:
     count = val_size if isinstance(val_size, int) else round(total * val_size) if val_size < 1 else 0
     if not 0 < count < total:
         raise UserError(
-            f"data.val_size={val_size} leaves {count:,} validation and {total - count:,} training images "
-            f"out of {total:,}; use a fraction in (0, 1) or a count between 1 and {total - 1:,}"
+            f"data.val_size={val_size} asks for {count:,} of the {total:,} training images for validation; "
+            f"use a fraction in (0, 1) or a count between 1 and {total - 1:,}"
         )
     return count
 

@@ -1,17 +1,20 @@
 """The LightningModule: the original network, its loss, its metrics and its optimizer."""
 
-from typing import Any
+import math
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fmnist_lightning.batches import Batch
 from fmnist_lightning.data import NUM_CLASSES
-from fmnist_lightning.network import InputScaling, original_cnn
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.network import InputScaling, MobileNetV2Classifier, original_cnn
 
 STAGES = ("train", "val", "test")
 
@@ -20,12 +23,23 @@ class FashionMNISTClassifier(LightningModule):
     """The Keras original's CNN trained with cross-entropy on logits (= softmax + categorical cross-entropy).
 
     Metrics are updated every step and logged once per epoch as `{stage}_acc` and `{stage}_loss`, so a
-    step costs no host synchronisation and no logging work.
+    step costs no host synchronisation and no logging work. Everything beyond the original is an option,
+    off by default.
 
     Args:
-        optimizer: Built from the model's parameters; Adam with lr 1e-3 like the original.
-        lr_scheduler: Optional, stepped once per epoch.
+        optimizer: Built from the model's parameters; Adam with lr 1e-3 like the original (AdamW with
+            `weight_decay` for decoupled L2).
+        architecture: "original" (the Keras CNN) or "mobilenet_v2" (torchvision's, for transfer learning).
         normalize: Standardise pixels with the training set's mean and std after scaling to [0, 1].
+        batch_norm: BatchNorm after each convolution of the original network (+320 parameters).
+        dropout: Dropout rate after the first pooling, the second pooling, the third convolution and
+            the dense layer: one number for all four, or four numbers.
+        label_smoothing: Cross-entropy label smoothing during training (validation and test losses are
+            always plain cross-entropy, so they stay comparable between recipes).
+        lr_schedule: "constant", "onecycle" (OneCycleLR up to the optimizer's lr) or "cosine" (cosine
+            decay from the optimizer's lr after `warmup_epochs` of linear warm-up); stepped every batch.
+        warmup_epochs: Linear warm-up length for "cosine".
+        pretrained: For "mobilenet_v2": start from torchvision's ImageNet weights (needs them downloaded).
         pool_before_relu: Max-pool before the ReLU in the first two blocks: the same function and
             gradients, less work (see `original_cnn`).
         channels_last: Run the convolutions in NHWC memory format, which oneDNN (CPU) and cuDNN (GPU)
@@ -36,8 +50,14 @@ class FashionMNISTClassifier(LightningModule):
     def __init__(
         self,
         optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        architecture: Literal["original", "mobilenet_v2"] = "original",
         normalize: bool = False,
+        batch_norm: bool = False,
+        dropout: float | list[float] = 0.0,
+        label_smoothing: float = 0.0,
+        lr_schedule: Literal["constant", "onecycle", "cosine"] = "constant",
+        warmup_epochs: float = 0.0,
+        pretrained: bool = False,
         pool_before_relu: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -45,34 +65,60 @@ class FashionMNISTClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.label_smoothing = label_smoothing
+        self.lr_schedule = lr_schedule
+        self.warmup_epochs = warmup_epochs
+        self.test_time_augmentation = False  # set for test/predict by the CLI's --tta
         self.input_scaling = InputScaling(normalize)
-        self.network = original_cnn(NUM_CLASSES, pool_before_relu)
+        try:
+            if architecture == "mobilenet_v2":
+                self.network = MobileNetV2Classifier(NUM_CLASSES, pretrained)
+            else:
+                rates = [dropout] * 4 if isinstance(dropout, int | float) else list(dropout)
+                self.network = original_cnn(NUM_CLASSES, pool_before_relu, batch_norm, rates)
+        except ValueError as error:
+            raise UserError(f"model: {error}") from None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.network.to(memory_format=self.memory_format)
         if compile:
             self.network.compile()  # in place: parameter names, hence checkpoints, stay the same
-        # One metric object per stage (train_acc, val_loss, ...); torchmetrics syncs them under DDP.
+        # One metric object per stage (train_acc, val_loss, ...); torchmetrics syncs them under DDP. Their
+        # running sums are saved in checkpoints, so an epoch resumed half-way reports the same numbers.
         for stage in STAGES:
             setattr(self, f"{stage}_acc", MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False))
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
-        # Lets the fit-start summary show every layer's output shape, like the Keras summary.
-        self.example_input_array = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+            for metric in self.stage_metrics(stage).values():
+                metric.persistent(True)
+        # Lets the fit-start summary show every layer's output shape, like the Keras summary. (Two images,
+        # not one: BatchNorm in training mode needs more than one value per channel.)
+        self.example_input_array = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of 28x28 grayscale images (uint8 0-255, or float in [0, 1])."""
         return self.network(self.input_scaling(images).contiguous(memory_format=self.memory_format))
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities; with test-time augmentation, averaged over the image and its mirror image."""
+        probabilities = self(images).softmax(dim=1)
+        if self.test_time_augmentation:
+            probabilities = (probabilities + self(images.flip(-1)).softmax(dim=1)) / 2
+        return probabilities
+
     def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and mean loss of a batch; updates the stage's metrics."""
+        """Scores (logits, or probabilities under test-time augmentation) and mean loss; updates metrics."""
         images, labels = batch
-        logits = self(images)
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        self.stage_metrics(stage)["acc"].update(logits, labels)
+        if stage == "test" and self.test_time_augmentation:
+            scores = self.probabilities(images)
+            losses = F.nll_loss(scores.clamp_min(1e-12).log(), labels, reduction="none")
+        else:
+            scores = self(images)
+            smoothing = self.label_smoothing if stage == "train" else 0.0
+            losses = F.cross_entropy(scores, labels, reduction="none", label_smoothing=smoothing)
+        self.stage_metrics(stage)["acc"].update(scores, labels)
         # Per-image losses, so the epoch mean is exact for a short last batch. (MeanMetric's `weight`
         # is ignored with nan_strategy="disable", which keeps the step free of host syncs.)
         self.stage_metrics(stage)["loss"].update(losses.detach())
-        return logits, losses.mean()
+        return scores, losses.mean()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")[1]
@@ -82,8 +128,8 @@ class FashionMNISTClassifier(LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Also returns the probabilities, for callbacks that report on the test set (TestReport)."""
-        logits, _ = self._shared_step(batch, "test")
-        return {"probabilities": logits.softmax(dim=1)}
+        scores, _ = self._shared_step(batch, "test")
+        return {"probabilities": scores if self.test_time_augmentation else scores.softmax(dim=1)}
 
     def predict_step(self, batch: Batch | dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Class probabilities with the batch's labels (-1: unknown) and, for image files, paths and errors."""
@@ -92,7 +138,7 @@ class FashionMNISTClassifier(LightningModule):
         else:
             images, labels = batch
             extra = {"labels": labels}
-        return {"probabilities": self(images).softmax(dim=1), **extra}
+        return {"probabilities": self.probabilities(images), **extra}
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
@@ -107,13 +153,28 @@ class FashionMNISTClassifier(LightningModule):
         return {"acc": getattr(self, f"{stage}_acc"), "loss": getattr(self, f"{stage}_loss")}
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        # compute() already reduces over all processes, so the logged values need no further sync.
+        # compute() already reduces over all processes; sync_dist only tells Lightning the value is global.
         for name, metric in self.stage_metrics(stage).items():
-            self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val")
+            self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val", sync_dist=True)
             metric.reset()
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
+        if self.lr_schedule == "constant":
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        if self.lr_schedule == "onecycle":
+            peaks = [group["lr"] for group in optimizer.param_groups]
+            scheduler: Any = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps)
+        else:
+            warmup = round(self.warmup_epochs * total_steps / max(1, self.trainer.max_epochs))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, step: int) -> float:
+    """Learning-rate factor: linear from ~0 to 1 over the warm-up, then cosine down to 0 at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -21,7 +21,7 @@ STAGE_STYLE = {
 CURVE_QUANTITIES = {"acc": "Accuracy", "loss": "Loss (cross-entropy)"}
 
 
-def curve_figure(runs: Sequence[RunMetrics], quantity: str) -> Figure:
+def curve_figure(runs: Sequence[RunMetrics], quantity: str, stages: Sequence[str] = ("train", "val")) -> Figure:
     """Train and validation `quantity` ("acc" or "loss") per epoch; one colour per run when comparing.
 
     Epochs are shown 1-based, as Keras prints them. Every point has a marker, so a one-epoch run
@@ -31,11 +31,14 @@ def curve_figure(runs: Sequence[RunMetrics], quantity: str) -> Figure:
     axes = figure.add_subplot()
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for run, color in zip(runs, colors, strict=True):
-        for stage, style in STAGE_STYLE.items():
+        for stage in stages:
+            style = STAGE_STYLE[stage]
             epochs, values = run.series(f"{stage}_{quantity}")
             if not epochs:
                 continue
-            label = style["label"] if len(runs) == 1 else f"{run.name} ({style['label']})"
+            label = (
+                style["label"] if len(runs) == 1 else run.name if len(stages) == 1 else f"{run.name} ({style['label']})"
+            )
             axes.plot(
                 [epoch + 1 for epoch in epochs],
                 values,

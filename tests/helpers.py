@@ -1,14 +1,22 @@
 """Test helpers: tiny IDX files written from scratch, and the real CLI run in a subprocess."""
 
 import csv
+import hashlib
+import io
+import json
 import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+import torch
 
+from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.checkpoints import SafeCheckpointIO
 from fmnist_lightning.sources import SPLIT_FILES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +53,15 @@ def write_tiny_dataset(raw: Path) -> None:
         write_idx(raw / labels_name, labels)
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+def cli_environment() -> dict[str, str]:
+    """The package and tests/ (for the helper callbacks above) importable, output unbuffered."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "PYTHONUNBUFFERED": "1"}
     env.pop("FMNIST_DEBUG", None)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = cli_environment()
     result = subprocess.run(
         [sys.executable, "-m", "fmnist_lightning", *args],
         cwd=cwd,
@@ -87,3 +101,74 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 def tree_snapshot(root: Path) -> dict[str, bytes]:
     """Every file under `root` with its content, to prove a failing command changed nothing."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Callbacks and plugins that the CLI loads by class path in the reliability tests (tests/ is on PYTHONPATH).
+
+
+class SlowSteps(L.Callback):
+    """Makes every training step last a while, so a test can interrupt a run at a chosen moment."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+class StallingCheckpointIO(SafeCheckpointIO):
+    """Stalls in the middle of its n-th checkpoint write (half the bytes written), so a test can kill it there."""
+
+    def __init__(self, stall_on_save: int, marker: str) -> None:
+        super().__init__()
+        self.stall_on_save = stall_on_save
+        self.marker = marker
+        self.saves = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.saves += 1
+        if self.saves != self.stall_on_save:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with atomic_write(path) as file:
+            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            file.flush()
+            Path(self.marker).write_text(str(path))
+            time.sleep(600)  # killed here
+
+
+class RecordTrainImages(L.Callback):
+    """Writes, per process, a fingerprint of every training image it saw in the first epoch."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.seen: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            self.seen += [hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest() for image in batch[0]]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    """The CLI in the background, for tests that interrupt it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmnist_lightning", *args],
+        cwd=cwd,
+        env=cli_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -72,7 +72,7 @@ def test_a_second_fit_gets_its_own_version_and_leaves_the_first_untouched(fitted
             ["--data.batch_size", "abc"],
             "Parser key \"data.batch_size\": Expected a <class 'int'>. Got value: abc",
         ),
-        (["--data.val_size", "60000"], "data.val_size=60000 leaves"),
+        (["--data.val_size", "60000"], "data.val_size=60000 asks for 60,000 of the 400"),
         (["--trainer.max_epochz", "3"], "unrecognized arguments: --trainer.max_epochz"),
     ],
 )

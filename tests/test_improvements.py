@@ -1,0 +1,213 @@
+"""The options beyond the original: augmentation, dropout, BatchNorm, label smoothing, schedules, TTA, MobileNetV2."""
+
+import csv
+import itertools
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmnist_lightning.augment import BatchAugment
+from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.module import FashionMNISTClassifier, warmup_cosine
+from fmnist_lightning.network import original_cnn
+from helpers import REPO, cli_environment, read_metrics, run_cli, tiny_fit_args
+
+IMPROVED = REPO / "configs" / "improved.yaml"
+
+
+def test_batch_norm_keeps_the_network_under_100k_parameters():
+    plain, normed = original_cnn(), original_cnn(batch_norm=True)
+    assert sum(p.numel() for p in plain.parameters()) == 93_322
+    assert sum(p.numel() for p in normed.parameters()) == 93_642
+    assert [name for name, _ in normed.named_children() if name.startswith("batch")] == [
+        "batch_normalization",
+        "batch_normalization_1",
+        "batch_normalization_2",
+    ]
+
+
+def test_dropout_rates_go_where_they_are_asked():
+    network = original_cnn(dropout=(0.0, 0.1, 0.2, 0.3))
+    rates = {name: layer.p for name, layer in network.named_children() if isinstance(layer, torch.nn.Dropout)}
+    assert rates == {"dropout_1": 0.1, "dropout_2": 0.2, "dropout_3": 0.3}
+    names = [name for name, _ in network.named_children()]
+    assert names.index("dropout_1") == names.index("max_pooling2d_1") + 1
+    assert names.index("dropout_3") == names.index("relu_3") + 1
+    with pytest.raises(UserError, match="dropout takes 4 rates"):
+        FashionMNISTClassifier(dropout=[0.1, 0.2])
+
+
+def image_batch(count=256):
+    images = torch.zeros(count, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 10:18, 4:12] = 200  # a bright block left of centre
+    return images
+
+
+def test_translation_moves_content_by_at_most_the_shift_and_fills_with_black():
+    torch.manual_seed(0)
+    shifted = BatchAugment(translate=2)(image_batch())
+    assert shifted.dtype == torch.uint8 and shifted.shape == (256, 1, 28, 28)
+    for image in shifted[:, 0]:
+        rows, cols = (image > 0).nonzero(as_tuple=True)
+        assert 8 <= int(rows.min()) <= 12 and 2 <= int(cols.min()) <= 6
+        assert int(image.sum()) == 200 * 64  # nothing cut off, nothing added
+    offsets = {(int((im[0] > 0).nonzero()[0, 0]), int((im[0] > 0).nonzero()[0, 1])) for im in shifted}
+    assert len(offsets) == 25  # every shift in [-2, 2] x [-2, 2] occurs
+
+
+def test_flip_mirrors_about_half_and_erasing_blanks_patches():
+    torch.manual_seed(0)
+    flipped = BatchAugment(flip=True)(image_batch())
+    mirrored = (flipped[:, 0, 12, 20] == 200).float().mean()
+    assert 0.35 < float(mirrored) < 0.65
+    ones = torch.full((1000, 1, 28, 28), 255, dtype=torch.uint8)
+    erased = BatchAugment(erase=0.5)(ones)
+    touched = (erased == 0).flatten(1).any(1).float().mean()
+    assert 0.4 < float(touched) < 0.6
+    fraction = (erased == 0).flatten(1).float().sum(1)[(erased == 0).flatten(1).any(1)] / 784
+    assert float(fraction.min()) >= 0.01 and float(fraction.max()) <= 0.25  # 2-20% of the area, rounded
+
+
+def test_augmentation_is_seeded_and_only_applied_while_training(tiny_data_dir):
+    dm = FashionMNISTDataModule(data_dir=str(tiny_data_dir), download=False, translate=2, flip=True, erase=0.5)
+    batch = (image_batch(8), torch.zeros(8, dtype=torch.long))
+
+    class Trainer:
+        training = True
+
+    dm.trainer = Trainer()
+    torch.manual_seed(3)
+    first = dm.on_after_batch_transfer(batch, 0)[0]
+    torch.manual_seed(3)
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], first)
+    assert not torch.equal(first, batch[0])
+    Trainer.training = False  # validation, test, predict
+    assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]
+
+
+def test_label_smoothing_only_changes_the_training_loss():
+    torch.manual_seed(0)
+    model = FashionMNISTClassifier(label_smoothing=0.1)
+    images, labels = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    logits = model(images)
+    train_loss = model._shared_step((images, labels), "train")[1]
+    val_loss = model._shared_step((images, labels), "val")[1]
+    torch.testing.assert_close(train_loss, F.cross_entropy(logits, labels, label_smoothing=0.1))
+    torch.testing.assert_close(val_loss, F.cross_entropy(logits, labels))
+
+
+def test_test_time_augmentation_averages_the_mirror_image():
+    torch.manual_seed(0)
+    model = FashionMNISTClassifier().eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    plain = model.probabilities(images)
+    model.test_time_augmentation = True
+    expected = (plain + model(images.flip(-1)).softmax(1)) / 2
+    torch.testing.assert_close(model.probabilities(images), expected)
+
+
+def test_warmup_cosine_schedule_shape():
+    factors = [warmup_cosine(10, 110, step) for step in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5)
+    assert factors[-1] < 0.001
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+
+
+def test_improved_config_trains_with_every_option_and_the_schedule_is_applied(tiny_data_dir, tmp_path):
+    result = run_cli(
+        "fit",
+        *tiny_fit_args(tiny_data_dir, epochs=3),
+        "--config",
+        str(IMPROVED),
+        "--trainer.max_epochs=3",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+        "--trainer.callbacks.logging_interval=step",
+        "--trainer.log_every_n_steps=1",
+        "--test_after_fit=true",
+        cwd=tmp_path,
+    )
+    summary = result.stdout + result.stderr  # the fit-start summary
+    assert "batch_normalization_2" in summary and "dropout_3" in summary
+    assert re.search(r"93\.6 K\s+Total params", summary)
+    rows = read_metrics(tmp_path / "runs" / "improved" / "version_0")
+    rates = [float(row["lr-AdamW"]) for row in rows if row.get("lr-AdamW")]
+    assert max(rates) <= 0.003 + 1e-9 and rates[-1] < rates[len(rates) // 2]  # one cycle: up, then down
+    assert [row["epoch"] for row in rows if row.get("val_acc")] == ["0", "1", "2"]
+
+
+def test_tta_switch_for_test(tiny_checkpoint, tiny_data_dir, tmp_path):
+    plain = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), cwd=tmp_path)
+    tta = run_cli(
+        "test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), "--tta=true", cwd=tmp_path
+    )
+    scores = [re.search(r"test:\s+accuracy (\S+), loss (\S+)", r.stdout).groups() for r in (plain, tta)]
+    assert scores[0] != scores[1]  # reported separately, and it does change the numbers
+
+
+def test_mobilenet_v2_from_scratch_and_a_clear_error_for_missing_pretrained_weights(tiny_data_dir, tmp_path):
+    model = FashionMNISTClassifier(architecture="mobilenet_v2")
+    assert model(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 10)
+    result = run_cli(
+        "fit",
+        *tiny_fit_args(tiny_data_dir, epochs=1),
+        "--model.architecture=mobilenet_v2",
+        "--model.pretrained=true",
+        "--model.channels_last=false",
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "pretrained MobileNetV2 weights are not available" in last and "model.pretrained: false" in last
+
+
+def test_ablation_script_writes_its_table_and_figure(tiny_data_dir, tmp_path):
+    out = tmp_path / "ablation"
+    recipes = ["--recipes", "base (the original, 10 epochs)", "+ batch norm"]
+    shorter = ["--", "--trainer.max_epochs=1", "--data.batch_size=32", "--data.download=false"]
+    script = [sys.executable, str(REPO / "scripts" / "ablation.py"), "--seeds", "0", "1"]
+    result = subprocess.run(
+        [*script, "--data-dir", str(tiny_data_dir), "--out", str(out), *recipes, *shorter],
+        cwd=tmp_path,
+        env=cli_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "ablation.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["recipe"] for row in rows] == ["base (the original, 10 epochs)", "+ batch norm"]
+    assert [row["parameters"] for row in rows] == ["93,322", "93,642"]
+    assert all(row["seeds"] == "2" and row["epochs"] == "1" and 0 <= float(row["test accuracy"]) <= 1 for row in rows)
+    assert (out / "ablation_val_accuracy.png").stat().st_size > 10_000
+    assert "| + batch norm | 2 |" in (out / "ablation.md").read_text()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_improved_recipe_beats_the_base_recipe_at_the_same_short_budget(real_data_dir, tmp_path):
+    scores = {}
+    for name, extra in (("base", []), ("improved", ["--config", str(IMPROVED)])):
+        result = run_cli(
+            "fit",
+            "--config",
+            str(REPO / "configs" / "base.yaml"),
+            *extra,
+            "--data.data_dir",
+            str(real_data_dir),
+            "--trainer.max_epochs=3",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=true",
+            cwd=tmp_path,
+            timeout=900,
+        )
+        scores[name] = float(re.search(r"test:\s+accuracy (\S+),", result.stdout).group(1))
+    assert scores["improved"] > scores["base"], scores
