@@ -86,7 +86,14 @@ class FashionMNISTCLI(LightningCLI):
                 ensure_writable_folder(Path(logger.root_dir))
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
-            ensure_checkpoint_fits(load_checkpoint(ckpt_path), self.model, ckpt_path)
+            checkpoint = load_checkpoint(ckpt_path)
+            ensure_checkpoint_fits(checkpoint, self.model, ckpt_path)
+            if self.model.test_time_augmentation and not trained_with_flips(checkpoint):
+                print(
+                    f"fmnist: warning: {ckpt_path} was trained without data.flip, so its mirror images are new "
+                    "to it and --tta usually lowers accuracy (README, Improvements)",
+                    file=sys.stderr,
+                )
 
     def predict(self, **kwargs: Any) -> None:
         """Lightning's predict, streaming: results go to the PredictionWriter, not into a list in memory."""
@@ -120,6 +127,11 @@ class FashionMNISTCLI(LightningCLI):
         summary = run_summary(self.trainer, scores)  # every process: trainer.log_dir is a collective call
         if self.trainer.is_global_zero:
             print(summary, flush=True)
+
+
+def trained_with_flips(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether the run that saved `checkpoint` mirrored its training images (`data.flip`)."""
+    return bool((checkpoint.get("datamodule_hyper_parameters") or {}).get("flip"))
 
 
 def ensure_writable_folder(folder: Path) -> None:
