@@ -29,7 +29,13 @@ class TensorBatchDataset(Dataset[Batch]):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
-        index = torch.as_tensor(indices, device=self.labels.device)
+        index = torch.as_tensor(indices)
+        if self.labels.is_cuda:
+            # From pinned memory the copy is queued behind the GPU's work; a plain copy would make the
+            # host wait for the GPU to finish the previous step before it can queue the next one.
+            index = index.pin_memory().to(self.labels.device, non_blocking=True)
+        else:
+            index = index.to(self.labels.device)
         return self.images[index], self.labels[index]
 
     def to(self, device: torch.device) -> "TensorBatchDataset":

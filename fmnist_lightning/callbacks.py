@@ -29,7 +29,10 @@ from fmnist_lightning.reports import (
 
 
 def run_folder(trainer: L.Trainer) -> Path:
-    """The folder a run writes its logs to (the logger's version folder), where reports go too."""
+    """The folder a run writes its logs to (the logger's version folder), where reports go too.
+
+    Under DDP this is a collective call (rank 0 broadcasts its folder): every process must make it.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -104,10 +107,12 @@ class TestReport(L.Callback):
         self.examples.update(images, labels, probabilities)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        report = self.report_metric.compute()  # every process takes part in the sync
+        # Every process takes part in both collective calls (the metric's sync, the run folder's broadcast);
+        # a collective call made by one process alone would wait for the others forever.
+        report = self.report_metric.compute()
+        folder = run_folder(trainer)
         if not trainer.is_global_zero:
             return
-        folder = run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {key: folder / name for key, name in self.FILES.items()}
         rows = report_rows(report)

@@ -1,5 +1,6 @@
 """Interrupted runs resume exactly, runs are reproducible, DDP shards and syncs, bad input changes nothing."""
 
+import csv
 import json
 import resource
 import shutil
@@ -172,6 +173,7 @@ def test_ddp_on_two_cpu_processes_shards_syncs_and_saves_once(tiny_data_dir, tmp
         "--trainer.precision=32-true",
         "--trainer.callbacks+=helpers.RecordTrainImages",
         f"--trainer.callbacks.folder={seen}",
+        "--test_after_fit=true",  # the test phase and its report under DDP too (it once deadlocked there)
         cwd=tmp_path,
         timeout=600,
     )
@@ -197,6 +199,17 @@ def test_ddp_on_two_cpu_processes_shards_syncs_and_saves_once(tiny_data_dir, tmp
     logged = float([row for row in read_metrics(run_dir) if row.get("val_acc")][-1]["val_acc"])
     assert logged == pytest.approx(accuracy, abs=1e-6)
     assert "run folder:       runs/base/version_0" in result.stdout
+
+    # the test after fit covers all 100 test images (50 per process) once, in the metrics and the report
+    best, _ = model_from_checkpoint(next((run_dir / "checkpoints").glob("best-*.ckpt")))
+    dm.setup("test")
+    with torch.no_grad():
+        predicted = best(dm.test_set.images).argmax(1)
+    test_acc = float([row for row in read_metrics(run_dir) if row.get("test_acc")][-1]["test_acc"])
+    assert test_acc == pytest.approx((predicted == dm.test_set.labels).float().mean().item(), abs=1e-6)
+    with open(run_dir / "confusion_matrix.csv", newline="") as file:
+        counts = [int(cell) for row in list(csv.reader(file))[1:] for cell in row[1:]]
+    assert sum(counts) == len(dm.test_set) == 100
 
 
 # ---- bad input: one line, exit 2, nothing that was on disk changed ----------------------------------

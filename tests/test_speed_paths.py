@@ -5,6 +5,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from fmnist_lightning.data import FashionMNISTDataModule
@@ -50,8 +51,9 @@ def test_channels_last_computes_the_same_logits():
     assert nhwc.network.conv2d_1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_compile_switch_keeps_checkpoints_interchangeable():
-    assert FashionMNISTClassifier(compile=True).state_dict().keys() == FashionMNISTClassifier().state_dict().keys()
+@pytest.mark.parametrize("compile", [True, "reduce-overhead"])
+def test_compile_switch_keeps_checkpoints_interchangeable(compile):
+    assert FashionMNISTClassifier(compile=compile).state_dict().keys() == FashionMNISTClassifier().state_dict().keys()
 
 
 def test_bf16_autocast_predictions_agree_with_fp32():
