@@ -25,7 +25,7 @@ from fmnist_lightning.errors import UserError
 from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
 from fmnist_lightning.export import export_checkpoint
 from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.runtime import configure_runtime
+from fmnist_lightning.runtime import configure_runtime, fastest_precision
 
 DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (
@@ -58,12 +58,15 @@ class FashionMNISTCLI(LightningCLI):
         parser.set_defaults({"trainer.plugins": [{"class_path": "fmnist_lightning.checkpoints.SafeCheckpointIO"}]})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Also resolve `--ckpt_path last|best` to the newest run's file, and check the checkpoint before
-        LightningCLI reads the model's settings from it. Resuming `fit` from a run's checkpoint continues
-        that run's folder (same metrics.csv, same checkpoints/)."""
+        """Also choose the precision where the config leaves it unset (`fastest_precision`), resolve
+        `--ckpt_path last|best` to the newest run's file, and check the checkpoint before LightningCLI
+        reads the model's settings from it. Resuming `fit` from a run's checkpoint continues that run's
+        folder (same metrics.csv, same checkpoints/)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
+        if config and config.trainer.precision is None:  # unset: the fastest for this machine
+            config.trainer.precision = fastest_precision(config.trainer.accelerator)
         ckpt_path = config.get("ckpt_path") if config else None
         if ckpt_path in ("last", "best"):
             ckpt_path = config["ckpt_path"] = str(find_run_checkpoint(runs_root(config.trainer.logger), ckpt_path))

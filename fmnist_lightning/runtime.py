@@ -41,3 +41,27 @@ def configure_runtime() -> None:
     keep_freed_memory()
     os.environ.setdefault("TQDM_MINITERS", "50")
     torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX).
+
+    Without it, oneDNN emulates bf16 and a bf16-mixed step of this network is over ten times slower
+    than an fp32 one (measured on an AVX2-only EPYC); with it, about 25% faster.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the fallback
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def fastest_precision(accelerator: object) -> str:
+    """The precision a run gets when its config leaves `trainer.precision` unset (null).
+
+    bf16-mixed where the device computes bf16 natively (GPUs that support it, CPUs with AVX-512 BF16 or
+    AMX), 32-true elsewhere: the same accuracy here either way (README, Performance), so the choice is
+    only about speed.
+    """
+    if accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available()):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator in (None, "auto", "cpu"):
+        return "bf16-mixed" if cpu_computes_bf16() else "32-true"
+    return "32-true"

@@ -5,8 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.runtime import fastest_precision
 from helpers import BASE_CONFIG, read_metrics, run_cli, tiny_fit_args, tree_snapshot
 
 
@@ -28,7 +30,9 @@ def test_fit_logs_every_epoch_and_saves_best_and_last_checkpoints(fitted_run):
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints
     assert [name for name in checkpoints if name.startswith("best-")]
-    assert (run_dir / "config.yaml").is_file()
+    # the config leaves the precision unset; the run records the one chosen for this machine
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == fastest_precision("auto")
 
 
 def test_test_after_fit_reports_the_best_checkpoints_score_and_where_things_are(fitted_run):

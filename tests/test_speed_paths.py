@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fmnist_lightning import runtime
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.module import FashionMNISTClassifier
 from helpers import REPO
@@ -92,3 +93,23 @@ def test_benchmark_runs_every_pipeline_on_tiny_data(tiny_data_dir, tmp_path):
         "c / a_default (epoch time)",
     }
     assert "| a_same / b (epoch time, same settings) |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "cuda_bf16", "cpu_bf16", "expected"),
+    [
+        ("auto", False, False, True, "bf16-mixed"),  # a CPU with AVX-512 BF16 / AMX
+        ("auto", False, False, False, "32-true"),  # an AVX2-only CPU emulates bf16, over ten times slower
+        ("cpu", True, True, False, "32-true"),  # the CPU asked for on a GPU machine
+        ("auto", True, True, False, "bf16-mixed"),
+        ("gpu", True, False, True, "32-true"),  # a GPU without bf16
+        ("mps", False, False, True, "32-true"),
+    ],
+)
+def test_unset_precision_is_bf16_only_where_the_hardware_computes_bf16(
+    monkeypatch, accelerator, cuda, cuda_bf16, cpu_bf16, expected
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: cpu_bf16)
+    assert runtime.fastest_precision(accelerator) == expected
