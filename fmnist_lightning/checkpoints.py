@@ -76,7 +76,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        kept = f"{path} still holds the last good state" if path.exists() else "no checkpoint was saved"
+        kept = _what_is_kept(path)
         broken = [name for name, tensor in checkpoint["state_dict"].items() if not _finite(tensor)]
         if broken:
             raise UserError(
@@ -93,6 +93,16 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _what_is_kept(path: Path) -> str:
+    """What a failed save leaves for the user to resume from, for its error message."""
+    if path.exists():
+        return f"{path} still holds the last good state"
+    earlier = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+    if earlier:
+        return f"the checkpoints saved before ({', '.join(earlier)}) are unchanged"
+    return "no checkpoint was saved"
 
 
 def _finite(tensor: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentParser
 from lightning import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -279,12 +280,23 @@ def main(args: list[str] | None = None) -> None:
             TOOL_COMMANDS[argv[0]](argv[1:])
         else:
             lightning_command(args)
+            end_distributed_run()
     except (UserError, ArgumentError) as error:
         if os.environ.get(DEBUG_ENV):
             raise
         message = str(error) if isinstance(error, UserError) else describe_parse_error(str(error))
         print(f"fmnist: error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def end_distributed_run() -> None:
+    """Shut a DDP run's process group down in every process before the interpreter exits.
+
+    Left to the exit-time destructors, gloo's threads can abort a process that has finished its work
+    ("terminate called without an active exception", exit status -6), failing a run that succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def describe_parse_error(message: str) -> str:
