@@ -18,7 +18,8 @@ pass over the 10,000 test images (for a and c, Lightning's `validate` on the tes
 shared and noisy (the same loop runs 20-30% faster or slower from one minute to the next), so the
 pipelines take turns: all worker processes start and load their data, then each runs one epoch while
 the others wait, round after round. Every ratio is computed per round, from epochs measured within
-seconds of each other, and the median over the rounds is reported; round 0 is a warm-up.
+seconds of each other; the median over the rounds is reported, with the lowest and highest round
+beside it to show how much the noise moved it. Round 0 is a warm-up.
 """
 
 import argparse
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.network import original_cnn
-from fmnist_lightning.runtime import keep_freed_memory
+from fmnist_lightning.runtime import configure_runtime
 
 PIPELINES = ("b", "a_same", "a_default", "c")
 READY, EPOCH, RESULT = "BENCHMARK-READY", "BENCHMARK-EPOCH", "BENCHMARK-RESULT"
@@ -92,10 +93,11 @@ def autocast(device: str, precision: str) -> torch.autocast:
 def run_hand_written_loop(options: argparse.Namespace) -> dict[str, Any]:
     """(b): data as float tensors in memory, a plain loop, nothing else.
 
-    It gets the same allocator settings as the CLI (`keep_freed_memory`), so that the comparison is of
-    the loops alone; without them its speed depends on which temporaries happened to be freed first.
+    It gets the same process-wide settings as the CLI (`configure_runtime`), so that the comparison is of
+    the loops alone; without the allocator's, its speed depends on which temporaries happened to be freed
+    first.
     """
-    keep_freed_memory()
+    configure_runtime()
     device = torch.device(options.device)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     splits = FashionMNISTDataModule(data_dir=options.data_dir, download=False, data_on_device=False)
@@ -331,16 +333,23 @@ RATIOS = {
 }
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Epoch-time ratios taken round by round (epochs run seconds apart), their median; and peak memory."""
-    found = {}
-    for label, (numerator, denominator) in RATIOS.items():
-        if {numerator, denominator} <= results.keys():
-            per_round = [
+def round_ratios(results: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+    """Each epoch-time ratio, round by round (the two epochs ran seconds apart), warm-up round left out."""
+    return {
+        label: _measured(
+            [
                 top["epoch_seconds"] / bottom["epoch_seconds"]
                 for top, bottom in zip(results[numerator]["epochs"], results[denominator]["epochs"], strict=True)
             ]
-            found[label] = statistics.median(_measured(per_round))
+        )
+        for label, (numerator, denominator) in RATIOS.items()
+        if {numerator, denominator} <= results.keys()
+    }
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The median of each epoch-time ratio over the rounds; and peak memory."""
+    found = {label: statistics.median(values) for label, values in round_ratios(results).items()}
     if {"a_default", "b"} <= results.keys():
         found["a_default / b (peak memory)"] = results["a_default"]["peak_rss_mb"] / results["b"]["peak_rss_mb"]
     return found
@@ -379,8 +388,10 @@ def report(results: dict[str, dict[str, Any]], options: argparse.Namespace) -> s
             f"{result['inference_images_per_second']:,.0f} | {result['peak_rss_mb']:,.0f} | "
             f"{result['last_val_acc']:.4f} |"
         )
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in ratios(results).items()]
+    # The spread over the rounds shows how much the machine's noise moved each ratio during this run.
+    spreads = {label: f"{min(values):.3f}-{max(values):.3f}" for label, values in round_ratios(results).items()}
+    lines += ["", "| ratio | value | lowest-highest round |", "|---|---:|---:|"]
+    lines += [f"| {name} | {value:.3f} | {spreads.get(name, '')} |" for name, value in ratios(results).items()]
     return "\n".join(lines)
 
 
@@ -411,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     results = run_in_turns(options)
     print(report(results, options))
     if options.json:
-        Path(options.json).write_text(json.dumps({"results": results, "ratios": ratios(results)}, indent=2) + "\n")
+        written = {"results": results, "ratios": ratios(results), "round_ratios": round_ratios(results)}
+        Path(options.json).write_text(json.dumps(written, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 64 * 2**20
 TRIM_THRESHOLD_BYTES = 512 * 2**20
 
+# Set to "1" by `import lightning`: torch.cuda.is_available() then asks the NVIDIA driver's NVML library.
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+NVML_LIBRARY = "libnvidia-ml.so.1"  # the name torch loads
+
 
 def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of handing it back to the kernel at once.
@@ -29,16 +33,37 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
+def skip_missing_nvml() -> bool:
+    """Stop torch from looking for the NVIDIA driver's NVML library once per optimizer step where it is absent.
+
+    Lightning asks torch to check for GPUs through NVML (`PYTORCH_NVML_BASED_CUDA_CHECK=1`), which keeps
+    fork() safe. Adam runs that check on every step; with a CUDA build of torch on a machine without the
+    driver (a CPU-only machine), torch then tries to load the missing library each time (~60 us here) and
+    falls back to asking the CUDA runtime, the answer the plain check gives directly. Where the library
+    is missing, this switches to the plain check: same answer, no failed load. Returns whether it did.
+    """
+    if os.environ.get(NVML_CHECK_ENV) != "1":
+        return False
+    try:
+        ctypes.CDLL(NVML_LIBRARY)
+    except OSError:
+        os.environ[NVML_CHECK_ENV] = "0"
+        return True
+    return False
+
+
 def configure_runtime() -> None:
     """Everything the CLI sets before a run:
 
     - the allocator thresholds above (`keep_freed_memory`);
+    - no per-step search for a missing NVML library (`skip_missing_nvml`);
     - Lightning's progress bar redraws every 50 steps instead of every step, which cost about a third
       of a millisecond per step here (set TQDM_MINITERS to choose);
     - `deterministic: true` no longer fills every new tensor with NaN (a debugging aid that exposes reads
       of uninitialised memory, ~2 ms per step on a CPU); the deterministic algorithms themselves stay on.
     """
     keep_freed_memory()
+    skip_missing_nvml()
     os.environ.setdefault("TQDM_MINITERS", "50")
     torch.utils.deterministic.fill_uninitialized_memory = False
 

@@ -92,7 +92,14 @@ def test_benchmark_runs_every_pipeline_on_tiny_data(tiny_data_dir, tmp_path):
         "a_default / b (peak memory)",
         "c / a_default (epoch time)",
     }
-    assert "| a_same / b (epoch time, same settings) |" in result.stdout
+    # one measured round (round 0 is the warm-up), reported as the median and as the round's own ratio
+    rounds = report["round_ratios"]
+    assert set(rounds) == set(report["ratios"]) - {"a_default / b (peak memory)"}
+    for label, values in rounds.items():
+        assert len(values) == 1
+        assert report["ratios"][label] == pytest.approx(values[0])
+    same = rounds["a_same / b (epoch time, same settings)"][0]
+    assert f"| a_same / b (epoch time, same settings) | {same:.3f} | {same:.3f}-{same:.3f} |" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -113,3 +120,34 @@ def test_unset_precision_is_bf16_only_where_the_hardware_computes_bf16(
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
     monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: cpu_bf16)
     assert runtime.fastest_precision(accelerator) == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "library_loads", "expected_setting"),
+    [
+        ("1", False, "0"),  # Lightning's NVML check on a machine without the NVIDIA driver: the plain check
+        ("1", True, "1"),  # the driver is there: Lightning's fork-safe check stays
+        (None, False, None),  # nobody asked for NVML: nothing to change
+    ],
+)
+def test_the_nvml_check_is_dropped_only_where_the_library_is_missing(
+    monkeypatch, setting, library_loads, expected_setting
+):
+    def load(name):
+        if not library_loads:
+            raise OSError(f"{name}: cannot open shared object file")
+
+    if setting is None:
+        monkeypatch.delenv(runtime.NVML_CHECK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(runtime.NVML_CHECK_ENV, setting)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", load)
+    assert runtime.skip_missing_nvml() == (setting != expected_setting)
+    assert runtime.os.environ.get(runtime.NVML_CHECK_ENV) == expected_setting
+
+
+def test_skipping_a_missing_nvml_keeps_the_answer_about_gpus(monkeypatch):
+    monkeypatch.setenv(runtime.NVML_CHECK_ENV, "1")
+    through_nvml = torch.cuda.is_available()
+    runtime.skip_missing_nvml()
+    assert torch.cuda.is_available() == through_nvml
