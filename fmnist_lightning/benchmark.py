@@ -16,10 +16,12 @@ Every pipeline trains on the same 48,000 / 12,000 split and validates each epoch
 cover training and validation (and, for a and c, their logging and checkpointing). Inference is a
 pass over the 10,000 test images (for a and c, Lightning's `validate` on the test set). The machine is
 shared and noisy (the same loop runs 20-30% faster or slower from one minute to the next), so the
-pipelines take turns: all worker processes start and load their data, then each runs one epoch while
-the others wait, round after round. Every ratio is computed per round, from epochs measured within
-seconds of each other; the median over the rounds is reported, with the lowest and highest round
-beside it to show how much the noise moved it. Round 0 is a warm-up.
+pipelines take turns: all worker processes start and load their data, then each runs a stretch of
+`--turn-steps` training steps while the others wait, turn after turn, until every pipeline has finished
+its epoch: one round. A pipeline's epoch time leaves out its waits, and since every epoch of a round is
+spread over the same minute or two, a slow spell of the machine slows all of them alike. Every ratio is
+computed per round; the median over the rounds is reported, with the lowest and highest round beside
+it to show how much the noise still moved it. Round 0 is a warm-up.
 """
 
 import argparse
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +50,33 @@ READY, EPOCH, RESULT = "BENCHMARK-READY", "BENCHMARK-EPOCH", "BENCHMARK-RESULT"
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
-def wait_for_turn() -> None:
-    """Tell the orchestrator this worker is ready, and block until it says go (one line on stdin)."""
-    print(READY, flush=True)
-    if not sys.stdin.readline():
-        raise SystemExit("benchmark: orchestrator went away")
+class Turns:
+    """A worker's side of taking turns: hand the machine over, wait for it back, and keep count of the waits."""
+
+    def __init__(self) -> None:
+        self.waited = 0.0  # seconds spent waiting for a turn, in all
+
+    def wait(self) -> None:
+        """Tell the orchestrator this worker is ready, and block until it says go (one line on stdin)."""
+        start = time.perf_counter()
+        print(READY, flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit("benchmark: orchestrator went away")
+        self.waited += time.perf_counter() - start
+
+    def clock(self) -> float:
+        """Seconds of this worker's own running: wall time without the waits."""
+        return time.perf_counter() - self.waited
+
+
+TURNS = Turns()
+
+
+def hand_over(step: int, turn_steps: int, device: torch.device) -> None:
+    """Let the next pipeline run after every `turn_steps` training steps of an epoch (0: whole epochs)."""
+    if turn_steps and step and step % turn_steps == 0:
+        _synchronize(device)  # the stretch's queued GPU work belongs to this turn
+        TURNS.wait()
 
 
 def report_epoch(epoch_seconds: float, train_seconds: float) -> None:
@@ -59,25 +84,32 @@ def report_epoch(epoch_seconds: float, train_seconds: float) -> None:
 
 
 class EpochTimer(L.Callback):
-    """Takes turns with the other pipelines: waits before each epoch, reports its time after it.
+    """Takes turns with the other pipelines (before each epoch and every `turn_steps` steps of it), and
+    reports each epoch's time without the waits.
 
     An epoch's time covers training, validation and checkpointing; its training part ends where
     validation starts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, turn_steps: int) -> None:
+        self.turn_steps = turn_steps
         self._epoch_start = self._train_end = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        wait_for_turn()
-        self._epoch_start = self._train_end = time.perf_counter()
+        TURNS.wait()
+        self._epoch_start = self._train_end = TURNS.clock()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        hand_over(batch_idx, self.turn_steps, pl_module.device)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._train_end = time.perf_counter()
+            self._train_end = TURNS.clock()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        end = time.perf_counter()  # Lightning calls this after the epoch's validation and checkpoint
+        end = TURNS.clock()  # Lightning calls this after the epoch's validation and checkpoint
         report_epoch(end - self._epoch_start, self._train_end - self._epoch_start)
 
 
@@ -123,11 +155,12 @@ def run_hand_written_loop(options: argparse.Namespace) -> dict[str, Any]:
         return predictions
 
     for _ in range(options.epochs):
-        wait_for_turn()
-        start = time.perf_counter()
+        TURNS.wait()
+        start = TURNS.clock()
         order = torch.randperm(len(train_x), device=device)
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(0, len(order), batch):
+        for step, i in enumerate(range(0, len(order), batch)):
+            hand_over(step, options.turn_steps, device)
             index = order[i : i + batch]
             with autocast(device.type, options.precision):
                 logits = network(train_x[index])
@@ -138,10 +171,10 @@ def run_hand_written_loop(options: argparse.Namespace) -> dict[str, Any]:
             loss_sum += loss.detach() * len(index)
             correct += (logits.argmax(1) == train_y[index]).sum()
         _synchronize(device)
-        train_end = time.perf_counter()
+        train_end = TURNS.clock()
         val_acc = float((evaluate(val_x) == val_y).float().mean())
-        report_epoch(time.perf_counter() - start, train_end - start)
-    wait_for_turn()
+        report_epoch(TURNS.clock() - start, train_end - start)
+    TURNS.wait()
     start = time.perf_counter()
     evaluate(test_x)
     _synchronize(device)
@@ -152,7 +185,7 @@ def run_project_fit(options: argparse.Namespace, same_settings: bool) -> dict[st
     """(a): the CLI's own fit on configs/base.yaml; with `same_settings`, b's precision and memory format."""
     from fmnist_lightning.cli import lightning_command
 
-    timer = EpochTimer()
+    timer = EpochTimer(options.turn_steps)
     with tempfile.TemporaryDirectory(prefix="fmnist-benchmark-") as logs:
         args = [
             "fit",
@@ -175,7 +208,7 @@ def run_project_fit(options: argparse.Namespace, same_settings: bool) -> dict[st
         cli = lightning_command(args, extra_callbacks=[timer])
         val_acc = float(cli.trainer.callback_metrics["val_acc"])
         cli.datamodule.setup("test")
-        wait_for_turn()
+        TURNS.wait()
         start = time.perf_counter()
         cli.trainer.validate(cli.model, dataloaders=cli.datamodule.test_dataloader(), verbose=False)
         inference_seconds = time.perf_counter() - start
@@ -222,7 +255,7 @@ def run_typical_port(options: argparse.Namespace) -> dict[str, Any]:
     val_count = held_out_count(len(full), 0.2)
     train, val = random_split(full, [len(full) - val_count, val_count], generator=torch.Generator().manual_seed(42))
     test = FashionMNIST(options.data_dir, train=False, transform=ToTensor())
-    timer = EpochTimer()
+    timer = EpochTimer(options.turn_steps)
     with tempfile.TemporaryDirectory(prefix="fmnist-benchmark-") as logs:
         trainer = L.Trainer(
             max_epochs=options.epochs, accelerator=options.device, default_root_dir=logs, callbacks=[timer]
@@ -234,7 +267,7 @@ def run_typical_port(options: argparse.Namespace) -> dict[str, Any]:
             DataLoader(val, batch_size=options.batch_size),
         )
         val_acc = float(trainer.callback_metrics["val_acc"])
-        wait_for_turn()
+        TURNS.wait()
         start = time.perf_counter()
         trainer.validate(model, DataLoader(test, batch_size=options.batch_size), verbose=False)
         inference_seconds = time.perf_counter() - start
@@ -276,20 +309,30 @@ class Worker:
         )
         self.epochs: list[dict[str, float]] = []
 
-    def _read_until(self, marker: str) -> str:
-        for line in self.process.stdout:
-            if marker in line:  # a progress bar may precede it on the same line
-                return line.split(marker, 1)[1].strip()
+    def _lines(self) -> Iterator[str]:
+        """The worker's output lines; an error with its log if it stops before it should."""
+        # readline's iterator, not the file itself: closing this generator would close a file yielded from
+        yield from iter(self.process.stdout.readline, "")
         self.log.seek(0)
         raise RuntimeError(f"pipeline {self.name} stopped ({self.process.wait()}):\n{self.log.read()[-3000:]}")
+
+    def _read_until(self, marker: str) -> str:
+        # a progress bar may precede the marker on the same line
+        return next(line.split(marker, 1)[1].strip() for line in self._lines() if marker in line)
 
     def ready(self) -> None:
         self._read_until(READY)
 
-    def run_epoch(self) -> None:
+    def run_turn(self) -> bool:
+        """Let the worker run until it hands over again; whether it finished an epoch in that turn."""
         self.process.stdin.write("go\n")
-        self.epochs.append(json.loads(self._read_until(EPOCH)))
-        self._read_until(READY)
+        epochs_before = len(self.epochs)
+        for line in self._lines():
+            if EPOCH in line:
+                self.epochs.append(json.loads(line.split(EPOCH, 1)[1]))
+            elif READY in line:
+                break
+        return len(self.epochs) > epochs_before
 
     def finish(self) -> dict[str, Any]:
         self.process.stdin.write("go\n")
@@ -300,14 +343,15 @@ class Worker:
 
 
 def run_in_turns(options: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Start every pipeline, then let them run one epoch each in turn, round after round."""
+    """Start every pipeline, then let them take turns until each has run one more epoch, round after round."""
     workers = [Worker(name, options) for name in options.pipelines]
     for worker in workers:
         worker.ready()
     for round_number in range(options.epochs):
-        for worker in workers:
-            print(f"benchmark: round {round_number}, {worker.name} ...", file=sys.stderr, flush=True)
-            worker.run_epoch()
+        print(f"benchmark: round {round_number} of {options.epochs} ...", file=sys.stderr, flush=True)
+        running = workers
+        while running:
+            running = [worker for worker in running if not worker.run_turn()]
     return {worker.name: worker.finish() for worker in workers}
 
 
@@ -318,6 +362,7 @@ def _shared_flags(options: argparse.Namespace) -> list[str]:
         "--batch-size", str(options.batch_size),
         "--device", options.device,
         "--precision", options.precision,
+        "--turn-steps", str(options.turn_steps),
     ]  # fmt: skip
     if options.threads:
         flags += ["--threads", str(options.threads)]
@@ -406,10 +451,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"), help="for b and a_same")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="b and a_same in NCHW")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument(
+        "--turn-steps",
+        type=int,
+        default=50,
+        help="training steps a pipeline runs before the next one's turn (0: a whole epoch per turn)",
+    )
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--json", help="also write the results and ratios to this JSON file")
     parser.add_argument("--worker", choices=PIPELINES, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.turn_steps < 0:
+        parser.error(f"--turn-steps takes 0 (whole epochs) or a number of steps, got {options.turn_steps}")
+    return options
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,8 @@ def test_bf16_autocast_predictions_agree_with_fp32():
 def test_benchmark_runs_every_pipeline_on_tiny_data(tiny_data_dir, tmp_path):
     out = tmp_path / "bench.json"
     script = str(REPO / "scripts" / "benchmark.py")
-    flags = ["--data-dir", str(tiny_data_dir), "--epochs", "2", "--json", str(out)]
+    # 5 training steps per epoch, handed over after steps 2 and 4: three turns per pipeline and epoch
+    flags = ["--data-dir", str(tiny_data_dir), "--epochs", "2", "--turn-steps", "2", "--json", str(out)]
     result = subprocess.run(
         [sys.executable, script, *flags],
         cwd=tmp_path,
@@ -80,8 +81,9 @@ def test_benchmark_runs_every_pipeline_on_tiny_data(tiny_data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"a_same", "a_default", "b", "c"}
+    assert result.stderr.count("benchmark: round") == 2
     for pipeline in report["results"].values():
-        assert len(pipeline["epochs"]) == 2  # one per turn
+        assert len(pipeline["epochs"]) == 2  # one per round
         assert all(epoch["epoch_seconds"] >= epoch["train_seconds"] > 0 for epoch in pipeline["epochs"])
         assert pipeline["train_images"] == 320
         assert pipeline["peak_rss_mb"] > 50
@@ -151,3 +153,12 @@ def test_skipping_a_missing_nvml_keeps_the_answer_about_gpus(monkeypatch):
     through_nvml = torch.cuda.is_available()
     runtime.skip_missing_nvml()
     assert torch.cuda.is_available() == through_nvml
+
+
+def test_benchmark_refuses_a_negative_turn_length(capsys):
+    from fmnist_lightning import benchmark
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--turn-steps", "-1"])
+    assert exit_info.value.code == 2
+    assert "--turn-steps takes 0 (whole epochs) or a number of steps, got -1" in capsys.readouterr().err
