@@ -311,7 +311,7 @@ class Worker:
 
     def _lines(self) -> Iterator[str]:
         """The worker's output lines; an error with its log if it stops before it should."""
-        # readline's iterator, not the file itself: closing this generator would close a file yielded from
+        # Through readline, not `yield from` the file: closing a generator closes what it delegates to, the pipe.
         yield from iter(self.process.stdout.readline, "")
         self.log.seek(0)
         raise RuntimeError(f"pipeline {self.name} stopped ({self.process.wait()}):\n{self.log.read()[-3000:]}")
@@ -415,7 +415,8 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
 
 def report(results: dict[str, dict[str, Any]], options: argparse.Namespace) -> str:
     settings = (
-        f"batch {options.batch_size}, {options.epochs} epochs per pipeline taken in turns (the first a warm-up), "
+        f"batch {options.batch_size}, {options.epochs} rounds of one epoch per pipeline (the first a warm-up), "
+        f"in turns of {f'{options.turn_steps} steps' if options.turn_steps else 'whole epochs'}, "
         f"device {options.device}, "
         f"b and a_same in {options.precision} {'channels_last' if options.channels_last else 'NCHW'}, "
         f"{torch.get_num_threads() if not options.threads else options.threads} threads"
