@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     total_minutes = (time.perf_counter() - start) / 60
     table = markdown_table(rows)
     threads = threads_per_job(options.jobs)
+    overrides = f"Every run also had: `{' '.join(options.extra)}`.\n\n" if options.extra else ""
     (options.out / "ablation.md").write_text(
-        f"{table}\n\nTotal running time: {total_minutes:.0f} minutes, {options.jobs} run(s) at a time with "
-        f"{threads} thread(s) each, on {os.cpu_count()} CPU cores.\n"
+        f"{table}\n\n{overrides}Total running time: {total_minutes:.0f} minutes, {options.jobs} run(s) at a time "
+        f"with {threads} thread(s) each, on {os.cpu_count()} CPU cores.\n"
     )
     figure = curve_figure([runs[0]["metrics"] for runs in results.values()], "acc", stages=("val",))
     figure.axes[0].set_title(f"Validation accuracy per epoch, seed {options.seeds[0]} of each recipe")

@@ -192,7 +192,9 @@ def test_ablation_script_writes_its_table_and_figure(tiny_data_dir, tmp_path):
     assert [row["parameters"] for row in rows] == ["93,322", "93,642"]
     assert all(row["seeds"] == "2" and row["epochs"] == "1" and 0 <= float(row["test accuracy"]) <= 1 for row in rows)
     assert (out / "ablation_val_accuracy.png").stat().st_size > 10_000
-    assert "| + batch norm | 2 |" in (out / "ablation.md").read_text()
+    summary = (out / "ablation.md").read_text()
+    assert "| + batch norm | 2 |" in summary
+    assert "Every run also had: `--trainer.max_epochs=1 --data.batch_size=32 --data.download=false`." in summary
 
 
 @pytest.mark.real_data
