@@ -4,7 +4,7 @@ Pipelines, each in a process of its own so that its peak memory is its own:
 
 - `a_same`: this project's fit through the CLI's code path (`configs/base.yaml`: Trainer, DataModule,
   LightningModule, CSV logging, checkpointing), with `b`'s precision, memory format, layer order, Adam
-  implementation and evaluation batch size;
+  implementation, eager (not graphed) GPU steps and evaluation batch size;
 - `a_default`: the same with `configs/base.yaml`'s own settings, the ones users get;
 - `b`: a minimal hand-written PyTorch loop over float tensors held in memory, same network, batch size,
   optimizer, precision and memory format as `a_same`, keeping the same books as the original script
@@ -197,12 +197,13 @@ def run_project_fit(options: argparse.Namespace, same_settings: bool) -> dict[st
             "--trainer.accelerator", options.device,
             "--trainer.logger.init_args.save_dir", logs,
         ]  # fmt: skip
-        if same_settings:  # b's precision, memory format, layer order, Adam implementation, evaluation batch
+        if same_settings:  # b's precision, memory format, layer order, Adam, eager steps, evaluation batch
             args += [
                 "--trainer.precision", options.precision,
                 "--model.channels_last", str(options.channels_last),
                 "--model.pool_before_relu", "false",
                 "--model.optimizer.init_args.fused", "false",
+                "--model.cuda_graph", "false",
                 "--data.eval_batch_size", str(options.batch_size),
             ]  # fmt: skip
         cli = lightning_command(args, extra_callbacks=[timer])

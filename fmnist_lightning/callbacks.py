@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning import CLASS_NAMES
@@ -263,12 +264,25 @@ class RandomState(L.Callback):
             torch.cuda.set_rng_state_all(list(state_dict["cuda"]))
 
 
-class SaveOnSigterm(L.Callback):
-    """On SIGTERM (what schedulers send before killing a job), save `last.ckpt`, then let Lightning exit.
+class KeepLastCheckpoint(L.Callback):
+    """Keeps `last.ckpt` at the latest state: after every epoch's validation, and on SIGTERM.
 
-    Lightning stops at the end of the current batch, so the saved state is consistent; resume with
-    `fmnist fit --config ... --ckpt_path last`.
+    Since Lightning 2.6, `ModelCheckpoint(save_last=True)` rewrites last.ckpt only when it saves a top-k
+    checkpoint at the same step; with `save_top_k: 1` that is a new best epoch only, and a run killed
+    later would resume from its best epoch and train the epochs after it once more. So once a
+    ModelCheckpoint has written its last.ckpt, this callback rewrites that file after every validation of
+    a fit (before the ModelCheckpoint's own turn: Lightning runs checkpoint callbacks last).
+
+    On SIGTERM (what schedulers send before killing a job) Lightning stops at the end of the current
+    batch, so the state saved there is consistent; resume with `fmnist fit --config ... --ckpt_path last`.
     """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        # Its own file name, so that the ModelCheckpoint does not take the file for another's and write last-v1.
+        if fitting and checkpoint is not None and checkpoint.save_last and checkpoint.last_model_path:
+            trainer.save_checkpoint(checkpoint.last_model_path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         checkpoint = trainer.checkpoint_callback

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
@@ -15,10 +16,11 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentParser
 from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
-from fmnist_lightning.callbacks import PredictionWriter, RandomState, SaveOnSigterm
+from fmnist_lightning.callbacks import KeepLastCheckpoint, PredictionWriter, RandomState
 from fmnist_lightning.checkpoints import ensure_checkpoint_fits, find_run_checkpoint, load_checkpoint
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
@@ -201,6 +203,12 @@ def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
             lines.append(f"last checkpoint:  {checkpoint.last_model_path}")
     elif trainer.ckpt_path:
         lines.append(f"checkpoint:       {trainer.ckpt_path}")
+    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+    if timer is not None and timer.start_time() is not None:  # this command trained
+        # This command's own time: Timer.time_elapsed() adds the time saved in the checkpoint last loaded,
+        # which --test_after_fit's best checkpoint is.
+        seconds = (timer.end_time() or time.monotonic()) - timer.start_time()
+        lines.append(f"training time:    {seconds:.1f} s, validation included")
     for stage, label in (("val", "validation"), ("test", "test")):
         if f"{stage}_acc" in scores:
             lines.append(
@@ -266,8 +274,9 @@ def lightning_command(args: list[str] | None, extra_callbacks: Sequence[Callback
         save_config_kwargs={"overwrite": True},
         parser_kwargs=parser_kwargs,
         auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
-        # Always there, whatever the config: exact resumes need the random state, schedulers send SIGTERM.
-        trainer_defaults={"callbacks": [RandomState(), SaveOnSigterm(), *extra_callbacks]},
+        # Always there, whatever the config: exact resumes need the random state and a current last.ckpt
+        # (also on SIGTERM, which schedulers send), the summary states the training time.
+        trainer_defaults={"callbacks": [RandomState(), KeepLastCheckpoint(), Timer(), *extra_callbacks]},
     )
 
 

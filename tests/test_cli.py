@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.runtime import fastest_precision
 from helpers import BASE_CONFIG, read_metrics, run_cli, tiny_fit_args, tree_snapshot
 
@@ -46,6 +47,12 @@ def test_test_after_fit_reports_the_best_checkpoints_score_and_where_things_are(
     assert float(printed.group(2)) == pytest.approx(float(test_rows[0]["test_loss"]), abs=5e-5)
     assert "run folder:       runs/base/version_0" in result.stdout
     assert "best checkpoint:  runs/base/version_0/checkpoints/best-" in result.stdout
+    # this command's own training time: about what last.ckpt (saved after the last validation) recorded,
+    # not that plus the time in the best checkpoint that --test_after_fit loaded
+    printed = float(re.search(r"training time:    (\d+\.\d) s, validation included", result.stdout).group(1))
+    timers = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["callbacks"]
+    recorded = next(state["time_elapsed"]["train"] for name, state in timers.items() if name.startswith("Timer"))
+    assert recorded - 0.05 <= printed <= 1.5 * recorded + 0.1
 
 
 def test_test_subcommand_scores_a_checkpoint_file(fitted_run, tiny_data_dir):
@@ -54,6 +61,7 @@ def test_test_subcommand_scores_a_checkpoint_file(fitted_run, tiny_data_dir):
     result = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(best), cwd=workdir)
     expected = re.search(r"test:\s+(accuracy \S+, loss \S+)", first.stdout).group(1)
     assert f"test:             {expected}" in result.stdout
+    assert "training time" not in result.stdout  # nothing was trained
 
 
 def test_a_second_fit_gets_its_own_version_and_leaves_the_first_untouched(fitted_run, tiny_data_dir):

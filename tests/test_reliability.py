@@ -97,6 +97,19 @@ def test_same_config_and_seed_twice_gives_identical_logs_and_weights(uninterrupt
     assert epochs_logged(uninterrupted) == ["0", "1", "2", "3"]
 
 
+def test_last_ckpt_holds_the_last_epoch_even_when_it_is_not_the_best(tiny_data_dir, tmp_path):
+    # Lightning 2.6's save_last alone rewrites last.ckpt only at a new best epoch (KeepLastCheckpoint);
+    # the tiny data's validation accuracy stops improving after a few epochs
+    epochs = 8
+    run_cli("fit", *tiny_fit_args(tiny_data_dir, epochs=epochs), cwd=tmp_path)
+    checkpoints = tmp_path / "runs" / "base" / "version_0" / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert sorted(path.name for path in checkpoints.iterdir()) == [best.name, "last.ckpt"]  # no last-v1.ckpt
+    assert load_checkpoint(best)["epoch"] < epochs - 1  # the last epoch is not the best
+    last = load_checkpoint(checkpoints / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (epochs - 1, epochs * STEPS_PER_EPOCH)
+
+
 def kill_during_epoch_1(process, run_dir, sig) -> None:
     """Wait until epoch 1 is under way (epoch 0 validated, a step checkpoint of epoch 1 saved), then signal."""
     metrics = run_dir / "metrics.csv"
