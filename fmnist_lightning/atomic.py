@@ -1,11 +1,18 @@
-"""Writing files so that a crash never leaves a half-written one under the final name."""
+"""Writing outputs safely: the path checked before anything runs, and the file complete or absent after.
 
+A crash never leaves a half-written file under the final name, and a failing command does not leave
+behind the empty folders it created on the way.
+"""
+
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from fmnist_lightning.errors import UserError
 
 
 @contextmanager
@@ -16,6 +23,8 @@ def atomic_write(destination: str | os.PathLike, mode: str = "wb", **open_kwargs
     exactly as it was.
     """
     destination = Path(destination)
+    if destination.is_dir():  # checked first: the rename at the end would fail after all the work
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(destination))
     handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
     os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the permissions open() would
     try:
@@ -33,3 +42,53 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its closest existing ancestor."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def ensure_output_path(path: str | os.PathLike, option: str, is_folder: bool = False) -> None:
+    """Refuse, before anything runs, an output file (or folder) that could not be written.
+
+    Names the real problem: a part of the path that is a file, a file where a folder is wanted (or the
+    reverse), a folder without write permission. Creates nothing.
+    """
+    path = Path(path)
+    existing = nearest_existing(path)
+    if existing == path.absolute():
+        if existing.is_dir() != is_folder:
+            found, wanted = ("a folder", "a file name") if existing.is_dir() else ("a file", "a folder")
+            raise UserError(f"{path} is {found}; give {wanted} with {option}")
+        folder = existing if is_folder else existing.parent
+    elif existing.is_dir():
+        folder = existing
+    else:
+        raise UserError(f"cannot write {path}: {existing} is a file, not a folder; choose another path with {option}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to {folder}: {error.strerror}; choose another path with {option}") from error
+
+
+@contextmanager
+def new_folders_removed_on_error(folder: str | os.PathLike) -> Iterator[None]:
+    """On an error in the block, remove the folders it created on the way to `folder`, if left empty."""
+    folder = Path(folder).absolute()
+    existed = nearest_existing(folder)
+    try:
+        yield
+    except BaseException:
+        while folder != existed and folder.is_relative_to(existed):
+            if folder.is_dir():
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: the block wrote something worth keeping
+                    break
+            folder = folder.parent
+        raise

@@ -8,6 +8,7 @@ classes is needed.
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,27 @@ from fmnist_lightning.module import FashionMNISTClassifier
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a Lightning checkpoint safely; every failure is a UserError naming the file."""
+    """Read a Lightning checkpoint safely and check it; every failure is a UserError naming the file.
+
+    Besides `weights_only` loading: the classes its settings name must be ones this project writes
+    (`check_named_classes`, before anything imports them), and its weights must be finite.
+    """
     path = Path(path)
+    if path.is_dir():
+        inside = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), None)
+        raise UserError(f"{path} is a folder; give the path of a .ckpt file{f', e.g. {inside}' if inside else ''}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; give the path of a .ckpt file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
+        raise UserError(
+            f"{path} is not a readable checkpoint (not a PyTorch zip archive: truncated, damaged, or another kind "
+            "of file); use another one, e.g. the run's last.ckpt"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):  # weights_only names the global it refused; anything else is damage
+            raise UserError(f"{path} is not a readable checkpoint (damaged: {_first_line(error)})") from error
         raise UserError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain data, "
             f"which could run code when loaded ({_first_line(error)}); only use checkpoints written by this project"
@@ -41,7 +56,52 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         ) from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{path} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt file saved by fit")
+    check_named_classes(checkpoint.get("hyper_parameters"), path)
+    broken = [name for name, tensor in checkpoint["state_dict"].items() if not _finite(tensor)]
+    if broken:
+        raise UserError(
+            f"{path} holds weights that are not finite (NaN or inf in {broken[0]}): the run that saved it "
+            "diverged; use an earlier checkpoint of that run"
+        )
     return checkpoint
+
+
+# The only code a checkpoint's settings may name: Lightning's instantiator, the model's class, and the
+# optimizer and learning-rate schedule classes of torch.optim: all that this project writes there.
+ALLOWED_NAME = re.compile(
+    r"lightning\.pytorch\.cli\.instantiate_module|fmnist_lightning\.module\.FashionMNISTClassifier"
+    r"|torch\.optim(\.[a-z_]+)*\.[A-Z]\w*"
+)
+DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def check_named_classes(settings: Any, path: str | os.PathLike) -> None:
+    """Refuse model settings that name a class or function outside the allowed ones, before any import.
+
+    LightningCLI rebuilds the model from a checkpoint's `hyper_parameters`, importing every
+    `class_path` (and dotted name given as a shorthand for one) it finds there; `weights_only` does not
+    stop that.
+    """
+    for name in _dotted_names(settings):
+        if not ALLOWED_NAME.fullmatch(name):
+            raise UserError(
+                f"refusing to load {path}: its settings name {name}, and loading them would import that code; "
+                "a checkpoint of this project only names torch.optim classes and its own model"
+            )
+
+
+def _dotted_names(value: Any) -> Any:
+    """Every string in nested settings that could be read as an import path."""
+    if isinstance(value, str):
+        if DOTTED_NAME.fullmatch(value.strip()):
+            yield value.strip()
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _dotted_names(key)
+            yield from _dotted_names(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _dotted_names(item)
 
 
 def ensure_checkpoint_fits(checkpoint: dict[str, Any], model: nn.Module, path: str | os.PathLike) -> None:
@@ -76,7 +136,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        kept = _what_is_kept(path)
+        kept = what_is_kept(path)
         broken = [name for name, tensor in checkpoint["state_dict"].items() if not _finite(tensor)]
         if broken:
             raise UserError(
@@ -95,7 +155,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location or "cpu")
 
 
-def _what_is_kept(path: Path) -> str:
+def what_is_kept(path: Path) -> str:
     """What a failed save leaves for the user to resume from, for its error message."""
     if path.exists():
         return f"{path} still holds the last good state"

@@ -1,17 +1,16 @@
 """`fmnist` / `python -m fmnist_lightning`: Lightning's CLI over the model and the data module."""
 
-import errno
 import inspect
 import logging
 import os
+import shutil
 import sys
-import tempfile
 import time
 import warnings
-from argparse import ArgumentError
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jsonargparse import ArgumentParser
@@ -19,15 +18,18 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from fmnist_lightning.callbacks import KeepLastCheckpoint, PredictionWriter, RandomState
+from fmnist_lightning.atomic import ensure_output_path, nearest_existing
+from fmnist_lightning.callbacks import DivergenceGuard, KeepLastCheckpoint, PredictionWriter, RandomState
 from fmnist_lightning.checkpoints import ensure_checkpoint_fits, find_run_checkpoint, load_checkpoint
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
-from fmnist_lightning.errors import UserError
+from fmnist_lightning.errors import UserError, one_line_message
 from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
 from fmnist_lightning.export import export_checkpoint
 from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.resume import SPLIT_SETTINGS, RunSettings, recipe_differences, run_settings
 from fmnist_lightning.runtime import configure_runtime, fastest_precision
 
 DEBUG_ENV = "FMNIST_DEBUG"
@@ -38,6 +40,7 @@ CLI_DESCRIPTION = (
 )
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
 class FashionMNISTCLI(LightningCLI):
@@ -62,20 +65,31 @@ class FashionMNISTCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Also choose the precision where the config leaves it unset (`fastest_precision`), resolve
-        `--ckpt_path last|best` to the newest run's file, and check the checkpoint before LightningCLI
-        reads the model's settings from it. Resuming `fit` from a run's checkpoint continues that run's
-        folder (same metrics.csv, same checkpoints/)."""
+        `--ckpt_path last|best` to the newest run's file, and check the checkpoint and the settings before
+        LightningCLI reads the model's settings from it (which imports the classes they name). Resuming
+        `fit` from a run's checkpoint continues that run's folder (same metrics.csv, same checkpoints/)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else None
-        if config and config.trainer.precision is None:  # unset: the fastest for this machine
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.trainer.precision is None:  # unset: the fastest for this machine
             config.trainer.precision = fastest_precision(config.trainer.accelerator)
-        ckpt_path = config.get("ckpt_path") if config else None
+        max_epochs = config.trainer.max_epochs
+        if subcommand == "fit" and max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+            raise UserError(f"trainer.max_epochs must be at least 1 (or -1 for no limit), got {max_epochs}")
+        ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("last", "best"):
             ckpt_path = config["ckpt_path"] = str(find_run_checkpoint(runs_root(config.trainer.logger), ckpt_path))
+        if not ckpt_path and subcommand != "fit":  # a freshly initialised model's scores mean nothing
+            raise UserError(
+                f"{subcommand} needs a trained model: give --ckpt_path with a .ckpt file, "
+                "or `last`/`best` for the newest run's"
+            )
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
             return
-        settings = set(load_checkpoint(ckpt_path).get("hyper_parameters") or {}) - {"_instantiator"}
+        checkpoint = load_checkpoint(ckpt_path)
+        settings = set(checkpoint.get("hyper_parameters") or {}) - {"_instantiator"}
         unknown = settings - set(inspect.signature(FashionMNISTClassifier).parameters)
         if unknown:
             raise UserError(
@@ -83,13 +97,20 @@ class FashionMNISTCLI(LightningCLI):
                 "use a checkpoint saved by this project"
             )
         if subcommand == "fit":
+            if differences := recipe_differences(config, checkpoint):
+                raise UserError(
+                    f"cannot resume from {ckpt_path} with other settings than its run's: {'; '.join(differences)}; "
+                    "resume with the run's own settings (its config.yaml), or leave out --ckpt_path for a new run"
+                )
             continue_run_folder(config.trainer.logger, Path(ckpt_path))
+        if subcommand == "validate" and (differences := recipe_differences(config, checkpoint, SPLIT_SETTINGS)):
+            raise UserError(
+                f"refusing to validate {ckpt_path} on another split than its run's ({'; '.join(differences)}): "
+                "the validation images would include images it trained on; keep its split settings"
+            )
 
     def after_instantiate_classes(self) -> None:
         self.model.test_time_augmentation = bool(self._get(self.config, "tta"))
-        for logger in self.trainer.loggers:
-            if getattr(logger, "root_dir", None):
-                ensure_writable_folder(Path(logger.root_dir))
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
             checkpoint = load_checkpoint(ckpt_path)
@@ -100,21 +121,33 @@ class FashionMNISTCLI(LightningCLI):
                     "to it and --tta usually lowers accuracy (README, Improvements)",
                     file=sys.stderr,
                 )
+        if self.subcommand:  # recorded by fit; there in every subcommand, as Lightning expects its state's owner
+            self.trainer.callbacks.append(RunSettings(run_settings(self.config[self.subcommand])))
+        # Last, once nothing else can refuse the command: the run folders it writes to.
+        self.new_run_folders: list[NewRunFolder | None] = []
+        with self._run_folders_taken_back_on_failure():
+            for logger in self.trainer.loggers:
+                self.new_run_folders.append(claim_run_folder(logger))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with self._run_folders_taken_back_on_failure():
+            super()._run_subcommand(subcommand)
+
+    @contextmanager
+    def _run_folders_taken_back_on_failure(self) -> Iterator[None]:
+        """A failed command removes the run folders it created and left without results."""
+        try:
+            yield
+        except BaseException:
+            for folder in self.new_run_folders:
+                remove_unfinished_run_folder(folder)
+            raise
 
     def predict(self, **kwargs: Any) -> None:
         """Lightning's predict, streaming: results go to the PredictionWriter, not into a list in memory."""
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.trainer.predict(**kwargs)
-
-    def after_predict(self) -> None:
-        writers = [callback for callback in self.trainer.callbacks if isinstance(callback, PredictionWriter)]
-        if writers and sum(writer.predicted for writer in writers) == 0:
-            failed = sum(writer.failed for writer in writers)
-            raise UserError(
-                f"nothing could be predicted: all {failed} inputs failed (reasons in {writers[0].path}); "
-                "check the paths given to --data.predict_paths"
-            )
 
     def after_fit(self) -> None:
         scores = dict(self.trainer.callback_metrics)
@@ -140,25 +173,52 @@ def trained_with_flips(checkpoint: Mapping[str, Any]) -> bool:
     return bool((checkpoint.get("datamodule_hyper_parameters") or {}).get("flip"))
 
 
-def ensure_writable_folder(folder: Path) -> None:
-    """Refuse, before anything runs, an output folder that cannot be created or written to.
+class NewRunFolder(NamedTuple):
+    """A run folder this command created, and the folder that already existed above it."""
 
-    Checks the deepest existing part of the path without creating anything: a failing run must not
-    leave empty folders behind.
+    path: Path
+    existed: Path
+
+
+def claim_run_folder(logger: Any) -> NewRunFolder | None:
+    """Create a logger's next `version_N` folder now, atomically, and make the logger use it.
+
+    Lightning picks the next free number and creates the folder later, so two runs started at the same
+    moment could pick the same folder and mix their logs; `mkdir` succeeds for one of them only, and the
+    other takes the next number. Only the first process does this (under DDP the others write nothing).
     """
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UserError(
-            f"cannot write to the output folder {folder}: {error.strerror}; "
-            "choose another with --trainer.logger.init_args.save_dir"
-        ) from error
+    root = getattr(logger, "root_dir", None)
+    if root is None or getattr(logger, "_version", 0) is not None or rank_zero_only.rank != 0:
+        return None  # no folder of its own, a version already chosen (a resumed run), or not the first process
+    ensure_output_path(root, "--trainer.logger.init_args.save_dir", is_folder=True)
+    existed = nearest_existing(Path(root))
+    Path(root).mkdir(parents=True, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        try:
+            (Path(root) / f"version_{version}").mkdir()
+            break
+        except FileExistsError:
+            version += 1
+    logger._version = version  # CSVLogger and TensorBoardLogger keep the chosen version here
+    return NewRunFolder(Path(root) / f"version_{version}", existed)
+
+
+def remove_unfinished_run_folder(folder: NewRunFolder | None) -> None:
+    """Remove a run folder created by a failed command if it holds no checkpoint and no metrics, and the
+    folders created above it if that leaves them empty."""
+    if folder is None or not folder.path.is_dir():
+        return
+    if any(folder.path.rglob("*.ckpt")) or (folder.path / "metrics.csv").is_file():
+        return  # the run trained: what it left is worth keeping
+    shutil.rmtree(folder.path, ignore_errors=True)
+    parent = folder.path.parent.absolute()
+    while parent != folder.existed and parent.is_relative_to(folder.existed):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def _logger_settings(logger: Any) -> Any:
@@ -224,6 +284,9 @@ def quiet_lightning_noise() -> None:
         lambda record: not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
     )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Image files stream from an iterable dataset without batch indices; the prediction writer takes the
+    # paths from the batch instead.
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
 
 def plot_command(args: list[str]) -> None:
@@ -267,21 +330,28 @@ def lightning_command(args: list[str] | None, extra_callbacks: Sequence[Callback
     # Parse errors raise instead of printing the whole usage, so that they too become one line.
     parser_kwargs = {"description": CLI_DESCRIPTION, "exit_on_error": False}
     parser_kwargs.update({name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS})
-    return FashionMNISTCLI(
-        FashionMNISTClassifier,
-        FashionMNISTDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs=parser_kwargs,
-        auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
-        # Always there, whatever the config: exact resumes need the random state and a current last.ckpt
-        # (also on SIGTERM, which schedulers send), the summary states the training time.
-        trainer_defaults={"callbacks": [RandomState(), KeepLastCheckpoint(), Timer(), *extra_callbacks]},
-    )
+    keep_last = KeepLastCheckpoint()
+    try:
+        return FashionMNISTCLI(
+            FashionMNISTClassifier,
+            FashionMNISTDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
+            # Always there, whatever the config: no diverged state saved, exact resumes (the random state, a
+            # current last.ckpt, also on SIGTERM and Ctrl-C), the training time in the summary.
+            trainer_defaults={"callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer(), *extra_callbacks]},
+        )
+    except SystemExit:  # Lightning's orderly stop after SIGTERM, or its exit after a second Ctrl-C
+        if keep_last.interrupted:
+            raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
+        raise
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; a UserError is one line on stderr and exit status 2 (FMNIST_DEBUG=1: a traceback)."""
+    """Run the CLI; an error from a setting, a file or a path is one line on stderr and exit status 2
+    (FMNIST_DEBUG=1: the traceback); anything else is a bug and shows its traceback."""
     quiet_lightning_noise()
     argv = sys.argv[1:] if args is None else args
     try:
@@ -290,11 +360,11 @@ def main(args: list[str] | None = None) -> None:
         else:
             lightning_command(args)
             end_distributed_run()
-    except (UserError, ArgumentError) as error:
-        if os.environ.get(DEBUG_ENV):
+    except Exception as error:
+        message = one_line_message(error)
+        if message is None or os.environ.get(DEBUG_ENV):
             raise
-        message = str(error) if isinstance(error, UserError) else describe_parse_error(str(error))
-        print(f"fmnist: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"fmnist: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -306,12 +376,3 @@ def end_distributed_run() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def describe_parse_error(message: str) -> str:
-    """jsonargparse's message, made fit for one line and pointed at the help."""
-    if message.startswith("Unexpected config:"):
-        message = "the --config file is not a YAML mapping of options"
-    elif len(message) > 300:
-        message = message[:300] + "..."
-    return f"{message} (see `fmnist SUBCOMMAND --help` for the options)"

@@ -4,6 +4,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from fmnist_lightning.atomic import ensure_output_path
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.metrics_log import NoCurvesError, RunMetrics, metrics_files, read_run
 from fmnist_lightning.plots import CURVE_QUANTITIES, curve_figure, save_figure
@@ -27,12 +28,8 @@ def draw_curves(
         raise UserError(f"unknown image format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     metrics = _read_runs(runs)
     destination = Path(out) if out is not None else _default_folder(metrics)
-    try:
-        destination.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create the output folder {destination}: {error.strerror}") from error
-    if not os.access(destination, os.W_OK):
-        raise UserError(f"the output folder {destination} is not writable; choose another with --out")
+    ensure_output_path(destination, "--out", is_folder=True)
+    destination.mkdir(parents=True, exist_ok=True)
     written = []
     for quantity in CURVE_QUANTITIES:
         if not any(run.series(f"{stage}_{quantity}")[0] for run in metrics for stage in ("train", "val")):

@@ -1,4 +1,10 @@
-"""Errors a user can fix: the CLI prints them as one line and exits non-zero, without a traceback."""
+"""Errors a user can fix, and the one place that turns them into the CLI's one-line messages."""
+
+from argparse import ArgumentError
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+MAX_MESSAGE = 300
 
 
 class UserError(Exception):
@@ -7,3 +13,36 @@ class UserError(Exception):
 
 class DataError(UserError):
     """The Fashion-MNIST files are missing, unreachable or damaged."""
+
+
+def one_line_message(error: BaseException) -> str | None:
+    """The one line to print for an error a user caused and can fix; None for anything else (a bug).
+
+    Besides this project's own UserError: the parser's errors (unknown option, wrong type, bad YAML),
+    Lightning's refusals of trainer settings, the operating system's refusals of a path, and a file that
+    is not text where text is expected.
+    """
+    if isinstance(error, UserError):
+        message = str(error)
+    elif isinstance(error, ArgumentError):
+        message = str(error)
+        if message.startswith("Unexpected config:"):
+            message = "the --config file is not a YAML mapping of options"
+        message = f"{_shortened(message)} (see `fmnist SUBCOMMAND --help` for the options)"
+    elif isinstance(error, MisconfigurationException):
+        message = f"{_shortened(str(error))} (a trainer setting; see `fmnist fit --help`)"
+    elif isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.filename}: {error.strerror or error}"
+    elif isinstance(error, UnicodeDecodeError):
+        byte = error.object[error.start : error.start + 1].hex()
+        message = (
+            f"a file read as text is not UTF-8 (byte 0x{byte} at position {error.start}: {error.reason}); "
+            "save the --config file (or other text input) as UTF-8"
+        )
+    else:
+        return None
+    return " ".join(message.split())
+
+
+def _shortened(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."

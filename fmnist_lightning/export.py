@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.atomic import atomic_write, ensure_output_path, new_folders_removed_on_error
 from fmnist_lightning.checkpoints import model_from_checkpoint
 from fmnist_lightning.data import DEFAULT_DATA_DIR, load_split
 from fmnist_lightning.errors import UserError
@@ -67,23 +67,32 @@ def export_checkpoint(
         raise UserError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
     model, checkpoint_path = model_from_checkpoint(ckpt_path)
     destination = Path(output) if output else default_output(checkpoint_path, format)
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {destination.parent}: {error.strerror}; choose another --output") from error
+    ensure_output_path(destination, "--output")
     ensure_dataset(data_dir, SYSTEM_DATA_DIR, download=True)
     test = load_split(data_dir, train=False)
     images = test.images.numpy() if input_dtype == "uint8" else (test.images.float() / 255).numpy()
     labels = test.labels.numpy()
 
     reference = ProbabilityModel(model).eval()
+    with new_folders_removed_on_error(destination.parent):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        check = _export_checked(reference, format, images, labels, destination)
+    metadata_path = destination.with_suffix(".json")
+    metadata = describe(model, checkpoint_path, destination, format, input_dtype, check)
+    with atomic_write(metadata_path, "w", encoding="utf-8") as file:
+        json.dump(metadata, file, indent=2)
+        file.write("\n")
+    return destination, metadata_path, check
+
+
+def _export_checked(
+    reference: nn.Module, format: str, images: np.ndarray, labels: np.ndarray, destination: Path
+) -> dict[str, Any]:
+    """Write the model under a temporary name, check it against PyTorch, and rename it into place."""
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".export-") as scratch:
         candidate = Path(scratch) / destination.name
-        runner = (
-            _write_onnx(reference, images[:2], candidate)
-            if format == "onnx"
-            else _write_torchscript(reference, images[:2], candidate)
-        )
+        write = _write_onnx if format == "onnx" else _write_torchscript
+        runner = write(reference, images[:2], candidate)
         check = compare(_pytorch_runner(reference), runner, images, labels)
         if not check["passed"]:
             raise UserError(
@@ -91,12 +100,7 @@ def export_checkpoint(
                 f"{check['max_abs_difference']:.2e}, argmax agreement {check['argmax_agreement']:.4%}); nothing written"
             )
         os.replace(candidate, destination)
-    metadata_path = destination.with_suffix(".json")
-    metadata = describe(model, checkpoint_path, destination, format, input_dtype, check)
-    with atomic_write(metadata_path, "w", encoding="utf-8") as file:
-        json.dump(metadata, file, indent=2)
-        file.write("\n")
-    return destination, metadata_path, check
+    return check
 
 
 def default_output(checkpoint_path: Path, format: str) -> Path:

@@ -13,6 +13,7 @@ from fmnist_lightning.errors import DataError
 
 UBYTE_TYPE_CODE = 0x08
 IMAGE_SIDE = 28
+CLASS_COUNT = 10
 
 FIX_HINT = "delete it and run again to get a fresh copy"
 
@@ -44,7 +45,7 @@ def idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
 
 
 def check_split_files(images_path: Path, labels_path: Path) -> int:
-    """Check an images/labels pair and return the number of examples it holds."""
+    """Check an images/labels pair (headers, sizes, label range) and return the number of examples it holds."""
     count, height, width = idx_dims(images_path, ndim=3)
     if (height, width) != (IMAGE_SIDE, IMAGE_SIDE):
         raise DataError(
@@ -56,4 +57,8 @@ def check_split_files(images_path: Path, labels_path: Path) -> int:
             f"{images_path} holds {count:,} images but {labels_path} holds {label_count:,} labels; "
             f"the two files come from different downloads: {FIX_HINT}"
         )
+    with open(labels_path, "rb") as file:  # 60 KB at most: cheap enough to read on every start
+        largest = max(file.read()[4 + 4 :], default=0)
+    if largest >= CLASS_COUNT:
+        raise DataError(f"{labels_path} holds labels outside 0..{CLASS_COUNT - 1} (found {largest}); {FIX_HINT}")
     return count

@@ -9,9 +9,11 @@ border is left exactly as it is.
 """
 
 import os
+import stat
+import warnings
 from collections.abc import Iterator
 from enum import Enum
-from glob import has_magic, iglob
+from glob import has_magic
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ SIDE = 28
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".ico"}
 )
-# Image.open refuses files with more pixels than this ("decompression bomb"); a garment needs far fewer.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# Limits checked before any pixel is decoded: a small file can declare billions of pixels
+# ("decompression bomb"), and a garment needs far fewer than either limit.
+MAX_PIXELS = 64_000_000
+MAX_FILE_BYTES = 256 * 2**20
+NOT_REGULAR = "not a regular file (pipe, device or broken link)"
 
 
 class Invert(str, Enum):
@@ -37,9 +42,22 @@ class Invert(str, Enum):
 
 
 def load_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> np.ndarray:
-    """A 28x28 uint8 array ready for the model; raises ValueError with a short reason for a bad file."""
+    """A 28x28 uint8 array ready for the model; raises ValueError with a short reason for a bad file.
+
+    Only regular files are opened (a named pipe would block forever), and the file size and the pixel
+    count its header declares are checked before anything is decoded.
+    """
+    check_regular_file(path)
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow's own bomb warning; the limit below refuses such files
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image_file = Image.open(path)
+        with image_file as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(
+                    f"image declares {width}x{height} pixels, over the {MAX_PIXELS // 1_000_000} megapixel limit"
+                )
             image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
             gray = to_grayscale(image)
     except UnidentifiedImageError:
@@ -52,6 +70,18 @@ def load_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> np.ndar
     if invert is Invert.ALWAYS or (invert is Invert.AUTO and has_light_border(pixels)):
         pixels = 255 - pixels
     return fit_to_square(pixels)
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise ValueError unless `path` is a regular file of at most MAX_FILE_BYTES (links followed)."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise ValueError(f"unreadable: {error.strerror}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError("not a regular file (a folder, named pipe, device or socket)")
+    if status.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"file of {status.st_size:,} bytes, over the {MAX_FILE_BYTES // 2**20} MiB limit")
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
@@ -96,35 +126,100 @@ def iter_image_paths(sources: list[str]) -> Iterator[tuple[str, str | None]]:
 
     Lazily (directory order), so a folder of a million files is never listed in memory at once.
     Folders yield only files with an image suffix; a file named explicitly is tried whatever its
-    suffix; a source that matches nothing yields one entry with the problem.
+    suffix; a source that matches nothing yields one entry with the problem. Each real file is
+    yielded once, however many sources, links or hard links reach it, and links that loop back to a
+    folder already searched are not followed again.
     """
+    seen_files: set[tuple[int, int]] = set()
+    seen_folders: set[tuple[int, int]] = set()
     for source in sources:
         found = False
-        candidates = iglob(source, recursive=True) if has_magic(source) else iter([source])
-        for candidate in candidates:
-            path = Path(candidate)
-            if path.is_dir():
-                for file in _walk_images(path):
-                    found = True
-                    yield str(file), None
-            elif path.exists() or not has_magic(source):
+        try:
+            candidates = _glob(source) if has_magic(source) else iter([Path(source)])
+            for path in candidates:
                 found = True
-                yield str(path), None if path.exists() else "no such file or folder"
+                yield from _files_under(path, seen_files, seen_folders)
+        except ValueError as error:  # pathlib's refusal of a malformed pattern
+            found = True
+            yield source, f"bad pattern: {error}"
         if not found:
-            yield source, "no image files found here" if Path(source).is_dir() else "no such file or folder"
+            yield source, "no such file or folder"
 
 
-def _walk_images(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, streamed from os.scandir (directory order), subfolders after files."""
+def _glob(pattern: str) -> Iterator[Path]:
+    """Paths matching `pattern`; unlike glob.iglob, `**` never follows links to folders (no loops)."""
+    parts = Path(pattern).parts
+    first_magic = next(index for index, part in enumerate(parts) if has_magic(part))
+    return Path(*parts[:first_magic]).glob(str(Path(*parts[first_magic:])))
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
+
+
+def _files_under(
+    path: Path, seen_files: set[tuple[int, int]], seen_folders: set[tuple[int, int]]
+) -> Iterator[tuple[str, str | None]]:
+    """(path, problem) for a file, or for each image file in a folder, skipping files already yielded."""
+    try:
+        status = path.stat()
+    except OSError as error:
+        missing = isinstance(error, FileNotFoundError) and not path.is_symlink()
+        yield str(path), "no such file or folder" if missing else f"unreadable: {error.strerror}"
+        return
+    if not stat.S_ISDIR(status.st_mode):
+        if _identity(status) not in seen_files:
+            seen_files.add(_identity(status))
+            yield str(path), None if stat.S_ISREG(status.st_mode) else NOT_REGULAR
+        return
+    if _identity(status) in seen_folders:
+        return  # searched already, through another source or link
+    found = False
+    for file, problem in _walk_images(path, seen_folders):
+        found = True
+        try:
+            key = _identity(file.stat())
+        except OSError as error:  # a broken link, or gone since the folder was listed
+            yield str(file), problem or f"unreadable: {error.strerror}"
+            continue
+        if key not in seen_files:
+            seen_files.add(key)
+            yield str(file), problem
+    if not found:
+        yield str(path), "no image files found here"
+
+
+def _walk_images(folder: Path, seen_folders: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
+    """Image files under `folder`, streamed from os.scandir (directory order), subfolders after files.
+
+    Links are followed, but a folder already searched (a link loop, or two links to one folder) is not
+    searched again.
+    """
+    try:
+        key = _identity(folder.stat())
+    except OSError as error:
+        yield folder, f"unreadable: {error.strerror}"
+        return
+    if key in seen_folders:
+        return
+    seen_folders.add(key)
     subfolders = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir():
-                subfolders.append(entry.path)
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(entry.path)
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:  # both follow links; a link loop or a broken link is neither
+                    is_folder, is_regular = entry.is_dir(), entry.is_file()
+                except OSError:
+                    is_folder = is_regular = False
+                if is_folder:
+                    subfolders.append(entry.path)
+                elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                    yield Path(entry.path), None if is_regular else NOT_REGULAR
+    except OSError as error:
+        yield folder, f"unreadable: {error.strerror}"
+        return
     for subfolder in sorted(subfolders):
-        yield from _walk_images(Path(subfolder))
+        yield from _walk_images(Path(subfolder), seen_folders)
 
 
 class ImageFileDataset(IterableDataset):

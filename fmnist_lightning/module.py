@@ -208,7 +208,10 @@ class FashionMNISTClassifier(LightningModule):
             self.graphed_step.invalidate()  # reset() gave the metrics new state tensors
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        try:
+            optimizer = self.optimizer_factory(self.parameters())
+        except (ValueError, TypeError) as error:  # torch.optim's checks of lr, betas, eps, weight_decay
+            raise UserError(f"model.optimizer: {error}") from None
         if self.lr_schedule == "constant":
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

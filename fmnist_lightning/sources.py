@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torchvision.datasets import FashionMNIST
 
-from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.atomic import atomic_write, ensure_output_path, new_folders_removed_on_error
 from fmnist_lightning.errors import DataError
 from fmnist_lightning.idx import check_split_files
 
@@ -52,14 +52,16 @@ def ensure_dataset(data_dir: str | os.PathLike, system_dir: Path = SYSTEM_DATA_D
     raw = raw_folder(data_dir)
     source = "data_dir"
     if _missing(raw):
-        source = _fill_from_system_copy(raw, system_dir)
-    if _missing(raw) and download:
-        source = _fill_from_download(raw, system_dir)
-    if missing := _missing(raw):
-        raise DataError(
-            f"Fashion-MNIST not found: {', '.join(missing)} missing in {raw} and in {system_dir}"
-            f"{'' if download else ' (download disabled)'}; {HOW_TO_GET_THE_DATA}"
-        )
+        ensure_output_path(raw, "--data.data_dir", is_folder=True)
+        with new_folders_removed_on_error(raw):
+            source = _fill_from_system_copy(raw, system_dir)
+            if _missing(raw) and download:
+                source = _fill_from_download(raw, system_dir)
+            if missing := _missing(raw):
+                raise DataError(
+                    f"Fashion-MNIST not found: {', '.join(missing)} missing in {raw} and in {system_dir}"
+                    f"{'' if download else ' (download disabled)'}; {HOW_TO_GET_THE_DATA}"
+                )
     for split in SPLIT_FILES:
         check_split_files(*split_paths(data_dir, split))
     return source

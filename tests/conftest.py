@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny valid Fashion-MNIST in torchvision's layout, and the real one when installed."""
 
 import gzip
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,12 @@ def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp("tiny-run")
     run_cli("fit", *tiny_fit_args(tiny_data_dir), cwd=workdir)
     return next((workdir / "runs" / "base" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+
+
+@pytest.fixture(scope="session")
+def workspace(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with its own copy of the data and one finished 2-epoch run (tests work on copies of it)."""
+    root = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(tiny_data_dir, root / "data")
+    run_cli("fit", *tiny_fit_args(root / "data", epochs=2), cwd=root)
+    return root

@@ -1,5 +1,6 @@
 """Test helpers: tiny IDX files written from scratch, and the real CLI run in a subprocess."""
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -9,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,7 @@ import torch
 
 from fmnist_lightning.atomic import atomic_write
 from fmnist_lightning.checkpoints import SafeCheckpointIO
+from fmnist_lightning.cli import main
 from fmnist_lightning.sources import SPLIT_FILES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +33,18 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes((0, 0, 0x08, array.ndim)) + struct.pack(f">{array.ndim}I", *array.shape)
     path.write_bytes(header + array.tobytes())
+
+
+def declared_size_png(path, width, height):
+    """A valid PNG header declaring width x height pixels, with almost no pixel data: a few hundred bytes."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(4)), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
 
 
 def tiny_split(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +75,12 @@ def cli_environment() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, check: bool = True, timeout: float = 300, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = cli_environment()
+    for name, value in (extra_env or {}).items():  # paths are added in front of the package's
+        env[name] = os.pathsep.join([value, env[name]]) if name == "PYTHONPATH" else value
     result = subprocess.run(
         [sys.executable, "-m", "fmnist_lightning", *args],
         cwd=cwd,
@@ -73,6 +92,24 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"fmnist {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def run_main(*args: str, cwd: Path) -> tuple[int, str]:
+    """The CLI's entry point in this process, from `cwd`: its exit status and what it printed to stderr."""
+    stderr = io.StringIO()
+    previous_cwd, previous_argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = ["fmnist"]  # LightningCLI warns when pytest's own arguments are there beside `args`
+    try:
+        with contextlib.redirect_stderr(stderr):
+            main(list(args))
+        status = 0
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.chdir(previous_cwd)
+        sys.argv = previous_argv
+    return status, stderr.getvalue()
 
 
 def tiny_fit_args(data_dir: Path, epochs: int = 2) -> list[str]:

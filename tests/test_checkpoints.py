@@ -135,3 +135,57 @@ def test_plain_pickles_are_refused_too(tmp_path):
     with pytest.raises(UserError):
         load_checkpoint(path)
     assert not (tmp_path / "ran").exists()
+
+
+MARKER_MODULE = "planted_code"
+
+
+def plant(checkpoint, where):
+    """Name the planted module's code in the checkpoint's model settings, in one of the ways LightningCLI reads."""
+    name = f"{MARKER_MODULE}.Thing"
+    settings = checkpoint["hyper_parameters"]
+    if where == "optimizer class_path":
+        settings["optimizer"]["class_path"] = name
+    elif where == "optimizer as a dotted string":
+        settings["optimizer"] = name
+    elif where == "nested in init_args":
+        settings["optimizer"]["init_args"]["schedule"] = {"class_path": name, "init_args": {}}
+    elif where == "model class":
+        settings["_class_path"] = name
+    elif where == "instantiator":
+        settings["_instantiator"] = f"{MARKER_MODULE}.instantiate"
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["optimizer class_path", "optimizer as a dotted string", "nested in init_args", "model class", "instantiator"],
+)
+def test_a_checkpoint_naming_other_code_is_refused_before_any_import(tiny_checkpoint, tiny_data_dir, tmp_path, where):
+    marker = tmp_path / "imported"
+    (tmp_path / f"{MARKER_MODULE}.py").write_text(f"open({str(marker)!r}, 'w').close()\nThing = instantiate = object\n")
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    plant(checkpoint, where)
+    torch.save(checkpoint, tmp_path / "planted.ckpt")
+    # Run as a user would, with the planted module importable (on PYTHONPATH): `test` must not import it.
+    env_path = {"PYTHONPATH": str(tmp_path)}
+    result = run_cli(
+        "test",
+        *tiny_fit_args(tiny_data_dir),
+        "--ckpt_path",
+        "planted.ckpt",
+        cwd=tmp_path,
+        check=False,
+        extra_env=env_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"refusing to load planted.ckpt: its settings name {MARKER_MODULE}." in last
+    assert not marker.exists()
+
+
+def test_the_classes_this_project_writes_are_accepted(tiny_checkpoint, tmp_path):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"]["optimizer"]["class_path"] = "torch.optim.AdamW"
+    checkpoint["hyper_parameters"]["_class_path"] = "fmnist_lightning.module.FashionMNISTClassifier"
+    torch.save(checkpoint, tmp_path / "ok.ckpt")
+    assert load_checkpoint(tmp_path / "ok.ckpt")["hyper_parameters"]["optimizer"]["class_path"] == "torch.optim.AdamW"

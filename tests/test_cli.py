@@ -38,6 +38,7 @@ def test_fit_logs_every_epoch_and_saves_best_and_last_checkpoints(fitted_run):
 
 def test_test_after_fit_reports_the_best_checkpoints_score_and_where_things_are(fitted_run):
     workdir, result = fitted_run
+    assert "weights_only" not in result.stdout + result.stderr  # no notice a user cannot act on, at every save
     run_dir = workdir / "runs" / "base" / "version_0"
     test_rows = [row for row in read_metrics(run_dir) if row["test_acc"]]
     assert len(test_rows) == 1

@@ -1,11 +1,14 @@
 """Image files of every kind brought to 28x28 light-on-dark grayscale, and bad files reported, not raised."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from fmnist_lightning.images import Invert, fit_to_square, has_light_border, iter_image_paths, load_image
-from helpers import tiny_split
+from helpers import declared_size_png, tiny_split
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +128,81 @@ def test_paths_folders_and_globs_are_expanded_lazily_with_problems_reported(tmp_
     assert found == [
         (str(tmp_path / "shop" / "a.png"), None),
         (str(tmp_path / "shop" / "shoes" / "b.jpg"), None),
-        (str(tmp_path / "shop" / "a.png"), None),
+        # the glob's shop/a.png was found in the folder already: each file once
         (str(tmp_path / "missing.png"), "no such file or folder"),
         (str(tmp_path / "empty"), "no image files found here"),
         (str(tmp_path / "nothing-*.png"), "no such file or folder"),
     ]
+
+
+@pytest.fixture
+def no_hang():
+    """Turn a read that would block forever into a test failure after 20 s."""
+
+    def timed_out(signum, frame):
+        raise TimeoutError("blocked: a read that should have been refused")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda tmp: (os.mkfifo(tmp / "pipe.png"), tmp / "pipe.png")[1], "not a regular file"),
+        (lambda tmp: tmp, "not a regular file"),
+        (lambda tmp: declared_size_png(tmp / "bomb.png", 12_000, 9_000), "declares 12000x9000 pixels, over the 64"),
+        (lambda tmp: declared_size_png(tmp / "wide.png", 200_000, 400), "over the 64 megapixel limit"),
+    ],
+    ids=["named pipe", "folder", "108 megapixels in a small file", "80 megapixels"],
+)
+def test_inputs_that_would_hang_or_explode_are_refused_before_decoding(tmp_path, no_hang, make, reason):
+    path = make(tmp_path)
+    assert not path.is_file() or path.stat().st_size < 2000
+    with pytest.raises(ValueError, match=reason):
+        load_image(path)
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, garment, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(garment).save(path)
+    monkeypatch.setattr("fmnist_lightning.images.MAX_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=r"file of [\d,]+ bytes, over the"):
+        load_image(path)
+
+
+def shop_with_loops(tmp_path):
+    """shop/a.png, shop/shoes/b.png, a link back to shop/ inside shoes/, a hard link and a pipe."""
+    shoes = tmp_path / "shop" / "shoes"
+    shoes.mkdir(parents=True)
+    for path in (tmp_path / "shop" / "a.png", shoes / "b.png"):
+        path.write_bytes(b"x")
+    (shoes / "back").symlink_to("..")
+    (shoes / "loop").symlink_to("loop")  # a link to itself
+    os.link(shoes / "b.png", tmp_path / "shop" / "same-as-b.png")
+    os.mkfifo(tmp_path / "shop" / "pipe.png")
+    return tmp_path / "shop"
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        ["shop"],
+        ["shop/**/*.png"],
+        ["shop", "shop/**", "shop/shoes/back/a.png", "shop/a.png"],
+    ],
+    ids=["folder", "recursive glob", "the same files several ways"],
+)
+def test_links_loops_and_repeats_give_each_real_file_once(tmp_path, monkeypatch, no_hang, sources):
+    shop_with_loops(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    found = list(iter_image_paths(sources))
+    readable = sorted(path for path, problem in found if problem is None)
+    assert len(readable) == 2  # a.png, and b.png under one of its two names
+    assert readable[0] == "shop/a.png"
+    assert readable[1] in ("shop/shoes/b.png", "shop/same-as-b.png")
+    problems = [(path, problem) for path, problem in found if problem is not None]
+    assert problems == [("shop/pipe.png", "not a regular file (pipe, device or broken link)")]

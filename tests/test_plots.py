@@ -120,7 +120,7 @@ def test_unwritable_output_folder_is_refused(tmp_path):
     run = write_run(tmp_path / "r")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(UserError, match="cannot create the output folder"):
+    with pytest.raises(UserError, match=r"file/sub: .*file is a file, not a folder; choose another path with --out"):
         draw_curves([run], out=blocker / "sub")
 
 

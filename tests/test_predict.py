@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.data import load_split
-from helpers import run_cli, tiny_fit_args
+from helpers import declared_size_png, run_cli, tiny_fit_args
 
 
 def predict(tmp_path, data_dir, checkpoint, *extra, check=True):
@@ -78,23 +79,32 @@ def test_bad_files_are_reported_and_the_rest_predicted(tiny_data_dir, tiny_check
     Image.fromarray(255 - garment).convert("RGB").resize((56, 56)).save(shop / "sub" / "photo.jpg")
     (shop / "text.png").write_text("not an image")
     (shop / "empty.jpg").write_bytes(b"")
+    os.mkfifo(shop / "pipe.png")  # reading it would block forever
+    declared_size_png(shop / "bomb.png", 12_000, 9_000)  # 108 megapixels in a few hundred bytes
+    (shop / "sub" / "back").symlink_to("..")  # a loop
     (tmp_path / "nothing").mkdir()
     out = tmp_path / "out.jsonl"
     result = predict(
         tmp_path, tiny_data_dir, tiny_checkpoint,
-        "--data.predict_paths", f"[{shop}, {tmp_path / 'nothing'}, {tmp_path / 'missing.png'}]",
+        "--data.predict_paths", f"[{shop}, {tmp_path / 'nothing'}, {tmp_path / 'missing.png'}, {shop}/**/*.png]",
         "--predictions.output", str(out),
         "--predictions.format", "jsonl",
     )  # fmt: skip
-    rows = {row["path"].replace(str(tmp_path) + "/", ""): row for row in map(json.loads, out.read_text().splitlines())}
+    lines = out.read_text().splitlines()
+    rows = {row["path"].replace(str(tmp_path) + "/", ""): row for row in map(json.loads, lines)}
+    assert len(rows) == len(lines)  # each file once, whatever reaches it twice (the glob, the loop)
     assert set(rows) == {
         "shop/good.png",
         "shop/sub/photo.jpg",
         "shop/text.png",
         "shop/empty.jpg",
+        "shop/pipe.png",
+        "shop/bomb.png",
         "nothing",
         "missing.png",
     }
+    assert rows["shop/pipe.png"]["error"] == "not a regular file (pipe, device or broken link)"
+    assert rows["shop/bomb.png"]["error"].startswith("image declares 12000x9000 pixels, over the 64 megapixel")
     assert rows["shop/text.png"]["error"] == "not an image Pillow can read"
     assert rows["shop/empty.jpg"]["error"] == "not an image Pillow can read"
     assert rows["nothing"]["error"] == "no image files found here"
@@ -103,16 +113,18 @@ def test_bad_files_are_reported_and_the_rest_predicted(tiny_data_dir, tiny_check
         assert rows[good]["error"] == ""
         assert rows[good]["predicted_class"] in CLASS_NAMES
         assert len([key for key in rows[good] if key.endswith("_class") and key.startswith("top")]) == 3
-    assert "(2 predicted, 4 could not be read (see the error column))" in result.stdout
+    assert "(2 predicted, 6 could not be read (see the error column))" in result.stdout
+    assert "Couldn't infer" not in result.stderr  # no warning a user cannot act on
 
 
-def test_nothing_predictable_exits_non_zero(tiny_data_dir, tiny_checkpoint, tmp_path):
+def test_nothing_predictable_exits_non_zero_and_writes_nothing(tiny_data_dir, tiny_checkpoint, tmp_path):
     (tmp_path / "junk.png").write_text("junk")
     result = predict(
         tmp_path, tiny_data_dir, tiny_checkpoint, "--data.predict_paths", f"[{tmp_path / 'junk.png'}]", check=False
     )
     assert result.returncode == 2
     assert "nothing could be predicted" in result.stderr.strip().splitlines()[-1]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["junk.png"]  # no predictions file, no run folder
 
 
 def test_default_output_is_the_run_folder(tiny_data_dir, tiny_checkpoint, tmp_path):
