@@ -118,7 +118,7 @@ class FashionMNISTCLI(LightningCLI):
             if self.model.test_time_augmentation and not trained_with_flips(checkpoint):
                 print(
                     f"fmnist: warning: {ckpt_path} was trained without data.flip, so its mirror images are new "
-                    "to it and --tta usually lowers accuracy (README, Improvements)",
+                    "to it and --tta usually lowers accuracy (docs/improvements.md)",
                     file=sys.stderr,
                 )
         if self.subcommand:  # recorded by fit; there in every subcommand, as Lightning expects its state's owner

@@ -50,7 +50,7 @@ class FashionMNISTClassifier(LightningModule):
             launches that bound this small network on a GPU (on a small CPU a compiled step is slower).
         cuda_graph: On a single GPU, replay each training step (forward pass, loss, metric updates,
             backward pass) as one CUDA graph (`fmnist_lightning.graphed`): the same numbers, about 4x
-            faster per epoch on an H200 (README, Performance). No effect on a CPU or with several devices.
+            faster per epoch on an H200 (docs/performance.md). No effect on a CPU or with several devices.
     """
 
     def __init__(

@@ -82,7 +82,7 @@ def fastest_precision(accelerator: object) -> str:
     """The precision a run gets when its config leaves `trainer.precision` unset (null).
 
     bf16-mixed where the device computes bf16 natively (GPUs that support it, CPUs with AVX-512 BF16 or
-    AMX), 32-true elsewhere: the same accuracy here either way (README, Performance), so the choice is
+    AMX), 32-true elsewhere: the same accuracy here either way (docs/performance.md), so the choice is
     only about speed.
     """
     if accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available()):
