@@ -7,14 +7,14 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from jsonargparse import ArgumentParser
-from lightning import Callback, Trainer
+from lightning import Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
@@ -324,8 +324,8 @@ def export_command(args: list[str]) -> None:
 TOOL_COMMANDS = {"plot": plot_command, "export": export_command}
 
 
-def lightning_command(args: list[str] | None, extra_callbacks: Sequence[Callback] = ()) -> FashionMNISTCLI:
-    """fit / validate / test / predict through LightningCLI; `extra_callbacks` join the configured ones."""
+def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
+    """fit / validate / test / predict through LightningCLI."""
     configure_runtime()
     # Parse errors raise instead of printing the whole usage, so that they too become one line.
     parser_kwargs = {"description": CLI_DESCRIPTION, "exit_on_error": False}
@@ -341,7 +341,7 @@ def lightning_command(args: list[str] | None, extra_callbacks: Sequence[Callback
             auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
             # Always there, whatever the config: no diverged state saved, exact resumes (the random state, a
             # current last.ckpt, also on SIGTERM and Ctrl-C), the training time in the summary.
-            trainer_defaults={"callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer(), *extra_callbacks]},
+            trainer_defaults={"callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer()]},
         )
     except SystemExit:  # Lightning's orderly stop after SIGTERM, or its exit after a second Ctrl-C
         if keep_last.interrupted:

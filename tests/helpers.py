@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import lightning as L
 import numpy as np
@@ -26,6 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "base.yaml"
 TINY_TRAIN_PER_CLASS = 40
 TINY_TEST_PER_CLASS = 10
+
+
+def load_script(name: str) -> ModuleType:
+    """A tool under scripts/ (not part of the package) imported as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import torch
 from fmnist_lightning import runtime
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.module import FashionMNISTClassifier
-from helpers import REPO
+from helpers import REPO, load_script
 
 
 def datamodule_on(device: str, data_dir) -> FashionMNISTDataModule:
@@ -156,8 +156,7 @@ def test_skipping_a_missing_nvml_keeps_the_answer_about_gpus(monkeypatch):
 
 
 def test_benchmark_refuses_a_negative_turn_length(capsys):
-    from fmnist_lightning import benchmark
-
+    benchmark = load_script("benchmark")
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(["--turn-steps", "-1"])
     assert exit_info.value.code == 2
