@@ -229,8 +229,9 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         probabilities, ranks = prediction["probabilities"].float().cpu().topk(self.top_k, dim=1)
         labels = prediction["labels"].tolist()
-        errors = prediction.get("errors") or [""] * len(labels)
-        paths = prediction.get("paths") or [f"test/{index}" for index in (batch_indices or [])]
+        # image files' batches carry their paths and errors after the images and labels
+        paths = batch[2] if len(batch) > 2 else [f"test/{index}" for index in (batch_indices or [])]
+        errors = batch[3] if len(batch) > 3 else [""] * len(labels)
         for row_index, (label, error) in enumerate(zip(labels, errors, strict=True)):
             row: dict[str, Any] = {"path": paths[row_index] if row_index < len(paths) else "", "error": error}
             if error:

@@ -59,7 +59,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self,
         data_dir: str = DEFAULT_DATA_DIR,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
+        eval_batch_size: int | None = 500,
         val_size: int | float = 0.2,
         split_seed: int = 42,
         shuffle_seed: int = 0,

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from enum import Enum
 from glob import has_magic
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 SIDE = 28
+FileBatch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # images, labels, paths, errors
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".ico"}
 )
@@ -247,12 +247,12 @@ class ImageFileDataset(IterableDataset):
             yield np.zeros((SIDE, SIDE), dtype=np.uint8), path, problem
 
 
-def collate_image_records(records: list[tuple[np.ndarray, str, str]]) -> dict[str, Any]:
-    """Stack records into a batch: uint8 images N x 1 x 28 x 28, labels -1 (unknown), paths, errors."""
+def collate_image_records(records: list[tuple[np.ndarray, str, str]]) -> FileBatch:
+    """Stack records into a batch: uint8 images N x 1 x 28 x 28, labels -1 (unknown), then paths and errors.
+
+    Images and labels come first, as in the test set's batches, so the model handles both alike; the
+    prediction writer takes the paths and errors from the batch.
+    """
     images, paths, errors = zip(*records, strict=True)
-    return {
-        "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
-        "labels": torch.full((len(records),), -1, dtype=torch.int64),
-        "paths": list(paths),
-        "errors": list(errors),
-    }
+    labels = torch.full((len(records),), -1, dtype=torch.int64)
+    return torch.from_numpy(np.stack(images)).unsqueeze(1), labels, list(paths), list(errors)

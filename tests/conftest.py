@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_lightning.sources import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
-from helpers import run_cli, tiny_fit_args, write_tiny_dataset
+from helpers import run_main, tiny_fit_args, write_tiny_dataset
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The best checkpoint of a 2-epoch fit on the tiny data (read-only by convention)."""
     workdir = tmp_path_factory.mktemp("tiny-run")
-    run_cli("fit", *tiny_fit_args(tiny_data_dir), cwd=workdir)
+    run_main("fit", *tiny_fit_args(tiny_data_dir), cwd=workdir)
     return next((workdir / "runs" / "base" / "version_0" / "checkpoints").glob("best-*.ckpt"))
 
 
@@ -52,5 +52,5 @@ def workspace(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A folder with its own copy of the data and one finished 2-epoch run (tests work on copies of it)."""
     root = tmp_path_factory.mktemp("workspace")
     shutil.copytree(tiny_data_dir, root / "data")
-    run_cli("fit", *tiny_fit_args(root / "data", epochs=2), cwd=root)
+    run_main("fit", *tiny_fit_args(root / "data", epochs=2), cwd=root)
     return root

@@ -85,12 +85,8 @@ def cli_environment() -> dict[str, str]:
     return env
 
 
-def run_cli(
-    *args: str, cwd: Path, check: bool = True, timeout: float = 300, extra_env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     env = cli_environment()
-    for name, value in (extra_env or {}).items():  # paths are added in front of the package's
-        env[name] = os.pathsep.join([value, env[name]]) if name == "PYTHONPATH" else value
     result = subprocess.run(
         [sys.executable, "-m", "fmnist_lightning", *args],
         cwd=cwd,
@@ -104,14 +100,15 @@ def run_cli(
     return result
 
 
-def run_main(*args: str, cwd: Path) -> tuple[int, str]:
-    """The CLI's entry point in this process, from `cwd`: its exit status and what it printed to stderr."""
-    stderr = io.StringIO()
+def run_main(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI's entry point in this process, from `cwd`, as `run_cli` runs it in a new one: exit status,
+    what it printed. For every test where no process boundary (exit by signal, kill, DDP) is under test."""
+    stdout, stderr = io.StringIO(), io.StringIO()
     previous_cwd, previous_argv = os.getcwd(), sys.argv
     os.chdir(cwd)
     sys.argv = ["fmnist"]  # LightningCLI warns when pytest's own arguments are there beside `args`
     try:
-        with contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main(list(args))
         status = 0
     except SystemExit as exit:
@@ -119,7 +116,10 @@ def run_main(*args: str, cwd: Path) -> tuple[int, str]:
     finally:
         os.chdir(previous_cwd)
         sys.argv = previous_argv
-    return status, stderr.getvalue()
+    result = subprocess.CompletedProcess(["fmnist", *args], status, stdout.getvalue(), stderr.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"fmnist {' '.join(args)} failed ({status}):\n{result.stderr[-3000:]}")
+    return result
 
 
 def tiny_fit_args(data_dir: Path, epochs: int = 2) -> list[str]:

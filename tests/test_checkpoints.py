@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from fmnist_lightning.checkpoints import SafeCheckpointIO, load_checkpoint, model_from_checkpoint
 from fmnist_lightning.errors import UserError
-from helpers import run_cli, tiny_fit_args, tree_snapshot
+from helpers import run_main, tiny_fit_args, tree_snapshot
 
 
 class Payload:
@@ -43,7 +44,7 @@ def test_a_tampered_checkpoint_is_refused_and_its_payload_never_runs(tampered):
 @pytest.mark.parametrize("subcommand", ["test", "predict", "validate"])
 def test_the_cli_refuses_a_tampered_checkpoint_without_running_it(tampered, tiny_data_dir, tmp_path, subcommand):
     path, marker = tampered
-    result = run_cli(subcommand, *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(path), cwd=tmp_path, check=False)
+    result = run_main(subcommand, *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(path), cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "refusing to load" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
@@ -52,7 +53,7 @@ def test_the_cli_refuses_a_tampered_checkpoint_without_running_it(tampered, tiny
 
 def test_export_refuses_a_tampered_checkpoint(tampered, tiny_data_dir, tmp_path):
     path, marker = tampered
-    result = run_cli("export", "--ckpt_path", str(path), "--data_dir", str(tiny_data_dir), cwd=tmp_path, check=False)
+    result = run_main("export", "--ckpt_path", str(path), "--data_dir", str(tiny_data_dir), cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "refusing to load" in result.stderr
     assert not marker.exists()
@@ -78,7 +79,7 @@ def write_foreign(tmp_path):
 def test_unusable_checkpoints_give_one_line_naming_the_file(tiny_checkpoint, tiny_data_dir, tmp_path, make, message):
     path = make(tmp_path, tiny_checkpoint)
     before = tree_snapshot(tmp_path)
-    result = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(path), cwd=tmp_path, check=False)
+    result = run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(path), cwd=tmp_path, check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert message in last
@@ -160,27 +161,21 @@ def plant(checkpoint, where):
     "where",
     ["optimizer class_path", "optimizer as a dotted string", "nested in init_args", "model class", "instantiator"],
 )
-def test_a_checkpoint_naming_other_code_is_refused_before_any_import(tiny_checkpoint, tiny_data_dir, tmp_path, where):
+def test_a_checkpoint_naming_other_code_is_refused_before_any_import(
+    tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch, where
+):
     marker = tmp_path / "imported"
     (tmp_path / f"{MARKER_MODULE}.py").write_text(f"open({str(marker)!r}, 'w').close()\nThing = instantiate = object\n")
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
     plant(checkpoint, where)
     torch.save(checkpoint, tmp_path / "planted.ckpt")
-    # Run as a user would, with the planted module importable (on PYTHONPATH): `test` must not import it.
-    env_path = {"PYTHONPATH": str(tmp_path)}
-    result = run_cli(
-        "test",
-        *tiny_fit_args(tiny_data_dir),
-        "--ckpt_path",
-        "planted.ckpt",
-        cwd=tmp_path,
-        check=False,
-        extra_env=env_path,
-    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the planted module is importable, as on a user's PYTHONPATH
+    args = ["test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", "planted.ckpt"]
+    result = run_main(*args, cwd=tmp_path, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert f"refusing to load planted.ckpt: its settings name {MARKER_MODULE}." in last
-    assert not marker.exists()
+    assert not marker.exists() and MARKER_MODULE not in sys.modules
 
 
 def test_the_classes_this_project_writes_are_accepted(tiny_checkpoint, tmp_path):

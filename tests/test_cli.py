@@ -10,14 +10,14 @@ import yaml
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.runtime import fastest_precision
-from helpers import BASE_CONFIG, read_metrics, run_cli, tiny_fit_args, tree_snapshot
+from helpers import BASE_CONFIG, read_metrics, run_main, tiny_fit_args, tree_snapshot
 
 
 @pytest.fixture(scope="module")
 def fitted_run(tiny_data_dir, tmp_path_factory):
     """`fit --test_after_fit true` once, shared by the tests that inspect its outputs."""
     workdir = tmp_path_factory.mktemp("cli")
-    result = run_cli("fit", *tiny_fit_args(tiny_data_dir), "--test_after_fit", "true", cwd=workdir)
+    result = run_main("fit", *tiny_fit_args(tiny_data_dir), "--test_after_fit", "true", cwd=workdir)
     return workdir, result
 
 
@@ -59,7 +59,7 @@ def test_test_after_fit_reports_the_best_checkpoints_score_and_where_things_are(
 def test_test_subcommand_scores_a_checkpoint_file(fitted_run, tiny_data_dir):
     workdir, first = fitted_run
     best = next((workdir / "runs" / "base" / "version_0" / "checkpoints").glob("best-*.ckpt"))
-    result = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(best), cwd=workdir)
+    result = run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(best), cwd=workdir)
     expected = re.search(r"test:\s+(accuracy \S+, loss \S+)", first.stdout).group(1)
     assert f"test:             {expected}" in result.stdout
     assert "training time" not in result.stdout  # nothing was trained
@@ -69,7 +69,7 @@ def test_a_second_fit_gets_its_own_version_and_leaves_the_first_untouched(fitted
     workdir, _ = fitted_run
     first_run = workdir / "runs" / "base" / "version_0"
     before = tree_snapshot(first_run)
-    result = run_cli("fit", *tiny_fit_args(tiny_data_dir, epochs=1), cwd=workdir)
+    result = run_main("fit", *tiny_fit_args(tiny_data_dir, epochs=1), cwd=workdir)
     assert tree_snapshot(first_run) == before
     second_run = re.search(r"run folder:\s+(runs/base/version_\d+)", result.stdout).group(1)
     assert second_run != "runs/base/version_0"
@@ -90,7 +90,7 @@ def test_a_second_fit_gets_its_own_version_and_leaves_the_first_untouched(fitted
     ],
 )
 def test_bad_settings_give_one_line_and_a_nonzero_exit(tmp_path, tiny_data_dir, extra, message):
-    result = run_cli("fit", *tiny_fit_args(tiny_data_dir), *extra, cwd=tmp_path, check=False)
+    result = run_main("fit", *tiny_fit_args(tiny_data_dir), *extra, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fmnist: error: ")
     assert message in result.stderr
@@ -105,14 +105,14 @@ def test_missing_or_non_yaml_config_files_are_refused(tmp_path):
         (tmp_path / "nope.yaml", "File does not exist"),
         (not_yaml, "Problems parsing config"),
     ):
-        result = run_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
+        result = run_main("fit", "--config", str(config), cwd=tmp_path, check=False)
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert message in result.stderr
 
 
 def test_missing_data_with_no_way_to_get_it_is_one_line(tmp_path):
-    result = run_cli(
+    result = run_main(
         "fit",
         "--config",
         str(BASE_CONFIG),

@@ -12,7 +12,7 @@ from fmnist_lightning.checkpoints import model_from_checkpoint
 from fmnist_lightning.data import load_split
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.export import ProbabilityModel, export_checkpoint
-from helpers import run_cli
+from helpers import run_main
 
 
 def reference_probabilities(checkpoint, images):
@@ -79,7 +79,7 @@ def test_export_command_defaults_to_the_run_folder(tiny_checkpoint, tiny_data_di
     checkpoints.mkdir(parents=True)
     copy = checkpoints / "best.ckpt"
     copy.write_bytes(tiny_checkpoint.read_bytes())
-    result = run_cli("export", "--ckpt_path", str(copy), "--data_dir", str(tiny_data_dir), cwd=tmp_path)
+    result = run_main("export", "--ckpt_path", str(copy), "--data_dir", str(tiny_data_dir), cwd=tmp_path)
     assert (tmp_path / "run" / "best.onnx").is_file()
     assert (tmp_path / "run" / "best.json").is_file()
     assert "checked on 100 test images" in result.stdout

@@ -15,7 +15,7 @@ from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier, warmup_cosine
 from fmnist_lightning.network import original_cnn
-from helpers import REPO, cli_environment, read_metrics, run_cli, tiny_fit_args
+from helpers import REPO, cli_environment, read_metrics, run_cli, run_main, tiny_fit_args
 
 IMPROVED = REPO / "configs" / "improved.yaml"
 
@@ -145,8 +145,8 @@ def test_improved_config_trains_with_every_option_and_the_schedule_is_applied(ti
 
 
 def test_tta_switch_for_test(tiny_checkpoint, tiny_data_dir, tmp_path):
-    plain = run_cli("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), cwd=tmp_path)
-    tta = run_cli(
+    plain = run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), cwd=tmp_path)
+    tta = run_main(
         "test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), "--tta=true", cwd=tmp_path
     )
     scores = [re.search(r"test:\s+accuracy (\S+), loss (\S+)", r.stdout).groups() for r in (plain, tta)]
@@ -157,7 +157,7 @@ def test_tta_switch_for_test(tiny_checkpoint, tiny_data_dir, tmp_path):
 def test_mobilenet_v2_from_scratch_and_a_clear_error_for_missing_pretrained_weights(tiny_data_dir, tmp_path):
     model = FashionMNISTClassifier(architecture="mobilenet_v2")
     assert model(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 10)
-    result = run_cli(
+    result = run_main(
         "fit",
         *tiny_fit_args(tiny_data_dir, epochs=1),
         "--model.architecture=mobilenet_v2",
@@ -165,7 +165,6 @@ def test_mobilenet_v2_from_scratch_and_a_clear_error_for_missing_pretrained_weig
         "--model.channels_last=false",
         cwd=tmp_path,
         check=False,
-        timeout=120,
     )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

@@ -10,11 +10,11 @@ from PIL import Image
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.data import load_split
-from helpers import declared_size_png, run_cli, tiny_fit_args
+from helpers import declared_size_png, run_main, tiny_fit_args
 
 
 def predict(tmp_path, data_dir, checkpoint, *extra, check=True):
-    return run_cli(
+    return run_main(
         "predict", *tiny_fit_args(data_dir), "--ckpt_path", str(checkpoint), *extra, cwd=tmp_path, check=check
     )
 

@@ -19,7 +19,7 @@ from fmnist_lightning.cli import claim_run_folder
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.run_log import RunCSVLogger
 from fmnist_lightning.sources import raw_folder
-from helpers import BASE_CONFIG, REPO, cli_environment, run_cli, run_main, tiny_fit_args, tree_snapshot
+from helpers import BASE_CONFIG, REPO, cli_environment, run_main, tiny_fit_args, tree_snapshot
 
 LAST = "runs/base/version_0/checkpoints/last.ckpt"
 
@@ -224,9 +224,9 @@ def test_refused_with_one_line_and_the_disk_as_it_was(workspace, tmp_path, case)
     make_args, message = REFUSED[case]
     args = make_args(root)
     before, paths_before = tree_snapshot(root), all_paths(root)
-    status, stderr = run_main(*args, cwd=root)
-    assert status == 2, stderr[-2000:]
-    last_line = stderr.strip().splitlines()[-1]
+    result = run_main(*args, cwd=root, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("fmnist: error: ") and message in last_line, last_line
     assert tree_snapshot(root) == before
     assert all_paths(root) == paths_before  # no new folder either: a failed run takes its run folder back
@@ -242,9 +242,9 @@ def test_a_failed_download_leaves_no_new_folders(tmp_path, monkeypatch):
 
     monkeypatch.setattr("fmnist_lightning.sources.FashionMNIST", offline)
     args = ["fit", *tiny_fit_args(tmp_path / "data" / "fmnist"), "--data.download", "true"]
-    status, stderr = run_main(*args, "--data.system_dir", str(tmp_path / "none"), cwd=tmp_path)
-    assert status == 2
-    assert "the download failed (Error downloading train-images-idx3-ubyte.gz" in stderr
+    result = run_main(*args, "--data.system_dir", str(tmp_path / "none"), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "the download failed (Error downloading train-images-idx3-ubyte.gz" in result.stderr
     assert list(tmp_path.iterdir()) == []  # neither data/ nor runs/
 
 
@@ -253,9 +253,9 @@ def test_a_loss_gone_to_infinity_stops_the_run_before_it_is_saved(workspace, tmp
     root = tmp_path / "ws"
     shutil.copytree(workspace, root)
     before = tree_snapshot(root)
-    status, stderr = run_main(*command("fit", "--model.optimizer.init_args.lr", "1e4")(root), cwd=root)
-    assert status == 2
-    last_line = stderr.strip().splitlines()[-1]
+    result = run_main(*command("fit", "--model.optimizer.init_args.lr", "1e4")(root), cwd=root, check=False)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
     assert "training diverged at epoch 0, step 10: the epoch's training loss is" in last_line
     assert "is the learning rate too high?" in last_line and "no checkpoint was saved" in last_line
     assert not list(root.glob("runs/base/version_1/checkpoints/*.ckpt"))
@@ -286,7 +286,7 @@ def test_a_diverging_run_stops_before_saving_nan_weights(workspace, tmp_path):
     root = tmp_path / "ws"
     shutil.copytree(workspace, root)
     before = tree_snapshot(root)
-    result = run_cli(*data_args(root), "--model.optimizer.init_args.lr", "1e30", cwd=root, check=False)
+    result = run_main(*data_args(root), "--model.optimizer.init_args.lr", "1e30", cwd=root, check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert "training diverged at epoch 0" in last and "is the learning rate too high?" in last

@@ -16,7 +16,7 @@ from helpers import REPO, load_script
 
 def datamodule_on(device: str, data_dir) -> FashionMNISTDataModule:
     """A DataModule set up as a Trainer on `device` would set it up (the meta device stands in for a GPU)."""
-    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batch_size=16)
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), download=False, batch_size=16, eval_batch_size=16)
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
     dm.prepare_data()
     dm.setup("fit")
