@@ -3,11 +3,6 @@
 import contextlib
 import csv
 import json
-import logging
-import math
-import os
-import signal
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -16,17 +11,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.atomic import atomic_write, ensure_output_path, new_folders_removed_on_error
-from fmnist_lightning.checkpoints import what_is_kept
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.evaluation import ExampleCollector, PredictionExamples
 from fmnist_lightning.metrics_log import METRICS_FILE, NoCurvesError
+from fmnist_lightning.outputs import atomic_write, ensure_output_path, new_folders_removed_on_error
 from fmnist_lightning.reports import (
     ClassificationReportMetric,
+    ExampleCollector,
+    PredictionExamples,
     confusion_rows,
     markdown_table,
     report_rows,
@@ -264,167 +257,3 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._files.__exit__(type(exception), exception, exception.__traceback__)  # drops the partial file
-
-
-class DivergenceGuard(L.Callback):
-    """Stops a fit whose loss has blown up, before that state is saved as a checkpoint (best or last).
-
-    Checked once per epoch, after validation and before any checkpoint callback: the epoch's mean
-    training loss (summed on the device, step by step, without a host sync) and the validation loss
-    must be finite and below `EXPLODED` times the loss of a uniform guess over the classes, which no
-    run that is learning comes near. Mid-epoch, `SafeCheckpointIO` refuses non-finite weights and metric
-    sums. The command then ends with one line, and the checkpoints of earlier epochs stay as they were.
-    """
-
-    EXPLODED = 100
-
-    def __init__(self) -> None:
-        self._loss_sum: torch.Tensor | None = None
-        self._steps = 0
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._loss_sum, self._steps = torch.zeros((), device=pl_module.device), 0
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if self._loss_sum is not None and isinstance(loss, torch.Tensor):
-            self._loss_sum += loss.detach().float()
-            self._steps += 1
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self._loss_sum is None:
-            return
-        steps = trainer.strategy.reduce(torch.tensor(float(self._steps), device=pl_module.device), reduce_op="sum")
-        train_loss = float(trainer.strategy.reduce(self._loss_sum, reduce_op="sum") / steps.clamp_min(1))
-        losses = {"training loss": train_loss if self._steps else 0.0}
-        if "val_loss" in trainer.callback_metrics:
-            losses["validation loss"] = float(trainer.callback_metrics["val_loss"])
-        limit = self.EXPLODED * math.log(len(CLASS_NAMES))
-        for name, value in losses.items():
-            if not math.isfinite(value) or value > limit:
-                checkpoint = trainer.checkpoint_callback
-                kept = what_is_kept(Path(checkpoint.dirpath) / "last.ckpt") if checkpoint else "no checkpoint was saved"
-                raise UserError(
-                    f"training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: the epoch's "
-                    f"{name} is {value:.3g}, over {self.EXPLODED}x a uniform guess's (is the learning rate too high?); "
-                    f"stopped, {kept}"
-                )
-
-
-class RandomState(L.Callback):
-    """Saves the global random number generators in checkpoints and restores them on resume.
-
-    Dropout and batch augmentation draw from them; with their state restored, a run resumed from a
-    checkpoint draws exactly what the uninterrupted run would have (the data order has its own seed).
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(state_dict["cuda"]))
-
-
-SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
-
-
-class KeepLastCheckpoint(L.Callback):
-    """Keeps `last.ckpt` at the latest state: after every epoch's validation, on SIGTERM and on Ctrl-C.
-
-    Since Lightning 2.6, `ModelCheckpoint(save_last=True)` rewrites last.ckpt only when it saves a top-k
-    checkpoint at the same step; with `save_top_k: 1` that is a new best epoch only, and a run killed
-    later would resume from its best epoch and train the epochs after it once more. So once a
-    ModelCheckpoint has written its last.ckpt, this callback rewrites that file after every validation of
-    a fit (before the ModelCheckpoint's own turn: Lightning runs checkpoint callbacks last).
-
-    On SIGTERM (what schedulers send before killing a job) Lightning stops at the end of the current
-    batch, so the state saved there is consistent. A first Ctrl-C during training is turned into the same
-    orderly stop (the process then exits 130); a second one stops at once.
-
-    A run resumed from its own folder reached by another spelling (an absolute `save_dir`, a copied or
-    moved run folder) keeps writing its own last.ckpt: the ModelCheckpoint's saved paths are moved to
-    the folder it writes to now, instead of Lightning starting a `last-v1.ckpt` beside the old file. A
-    checkpoint that is only scored (validate, test, predict) does not restore those paths at all.
-    """
-
-    def __init__(self) -> None:
-        self.interrupted = False  # by Ctrl-C
-        self._previous_sigint: Any = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.interrupted = False
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._stop_at_batch_end)
-            # Lightning logs the SIGTERM this class sends itself; the user pressed Ctrl-C.
-            logging.getLogger(SIGNAL_LOGGER).addFilter(self._quiet_own_sigterm)
-
-    def _quiet_own_sigterm(self, record: logging.LogRecord) -> bool:
-        return not (self.interrupted and "Received SIGTERM" in record.getMessage())
-
-    def _stop_at_batch_end(self, signum: int, frame: Any) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the batch to end
-        self.interrupted = True
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's orderly stop at the end of the batch
-
-    def _restore_sigint(self) -> None:
-        logging.getLogger(SIGNAL_LOGGER).removeFilter(self._quiet_own_sigterm)
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint()
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        resumed_from = Path(trainer.ckpt_path or "").resolve().parent
-        for callback in trainer.checkpoint_callbacks:
-            if trainer.state.fn != TrainerFn.FITTING:  # only scored: its saved paths belong to the run that wrote it
-                checkpoint.get("callbacks", {}).pop(callback.state_key, None)
-                continue
-            state = checkpoint.get("callbacks", {}).get(callback.state_key)
-            if not state or not callback.dirpath or Path(callback.dirpath).resolve() != resumed_from:
-                continue
-            old, new = state.get("dirpath"), callback.dirpath
-            if not old or old == new:
-                continue
-
-            def moved(path: Any, old: Any = old, new: str = new) -> Any:
-                return str(Path(new) / Path(path).name) if path and Path(path).parent == Path(old) else path
-
-            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-                state[key] = moved(state.get(key))
-            state["best_k_models"] = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
-            state["dirpath"] = new
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        checkpoint = trainer.checkpoint_callback
-        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        # Its own file name, so that the ModelCheckpoint does not take the file for another's and write last-v1.
-        if fitting and checkpoint is not None and checkpoint.save_last and checkpoint.last_model_path:
-            trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
-        checkpoint = trainer.checkpoint_callback
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if not isinstance(exception, SIGTERMException) or not fitting or checkpoint is None:
-            return
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        cause = "interrupted (Ctrl-C)" if self.interrupted else "received SIGTERM"
-        if trainer.training:
-            trainer.save_checkpoint(path, weights_only=False)
-            what = f"saved {path}"
-        else:  # during validation: last.ckpt holds the end of the epoch's training or an earlier state
-            what = f"{path} holds the last saved state"
-        config = run_folder(trainer) / "config.yaml"  # every process: a collective call under DDP
-        if trainer.is_global_zero:
-            how = f"fmnist fit --config {config} --ckpt_path {path}"
-            print(f"{cause}: {what}; resume with `{how}`", flush=True)

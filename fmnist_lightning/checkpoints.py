@@ -1,4 +1,5 @@
-"""Checkpoint files: written atomically, read without running pickled code, checked to be this project's.
+"""Checkpoint files: written atomically, read without running pickled code, checked to be this project's,
+and never written for a run that has diverged (`DivergenceGuard`).
 
 A checkpoint is a pickle, and unpickling can run arbitrary code. Everything here loads with PyTorch's
 `weights_only=True`, which only rebuilds tensors and plain data (dicts, lists, numbers, strings) and
@@ -6,6 +7,7 @@ refuses anything else; the project's checkpoints contain nothing else, so no all
 classes is needed.
 """
 
+import math
 import os
 import pickle
 import re
@@ -13,14 +15,17 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import instantiate_module
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.outputs import atomic_write
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -208,3 +213,50 @@ def find_run_checkpoint(runs_root: Path, which: str) -> Path:
         if best and (last.parent / Path(best).name).is_file():
             return last.parent / Path(best).name
     raise UserError(f"--ckpt_path best: {last} does not say which checkpoint is best; give the path of a .ckpt file")
+
+
+class DivergenceGuard(L.Callback):
+    """Stops a fit whose loss has blown up, before that state is saved as a checkpoint (best or last).
+
+    Checked once per epoch, after validation and before any checkpoint callback: the epoch's mean
+    training loss (summed on the device, step by step, without a host sync) and the validation loss
+    must be finite and below `EXPLODED` times the loss of a uniform guess over the classes, which no
+    run that is learning comes near. Mid-epoch, `SafeCheckpointIO` refuses non-finite weights and metric
+    sums. The command then ends with one line, and the checkpoints of earlier epochs stay as they were.
+    """
+
+    EXPLODED = 100
+
+    def __init__(self) -> None:
+        self._loss_sum: torch.Tensor | None = None
+        self._steps = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_sum, self._steps = torch.zeros((), device=pl_module.device), 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if self._loss_sum is not None and isinstance(loss, torch.Tensor):
+            self._loss_sum += loss.detach().float()
+            self._steps += 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self._loss_sum is None:
+            return
+        steps = trainer.strategy.reduce(torch.tensor(float(self._steps), device=pl_module.device), reduce_op="sum")
+        train_loss = float(trainer.strategy.reduce(self._loss_sum, reduce_op="sum") / steps.clamp_min(1))
+        losses = {"training loss": train_loss if self._steps else 0.0}
+        if "val_loss" in trainer.callback_metrics:
+            losses["validation loss"] = float(trainer.callback_metrics["val_loss"])
+        limit = self.EXPLODED * math.log(len(CLASS_NAMES))
+        for name, value in losses.items():
+            if not math.isfinite(value) or value > limit:
+                checkpoint = trainer.checkpoint_callback
+                kept = what_is_kept(Path(checkpoint.dirpath) / "last.ckpt") if checkpoint else "no checkpoint was saved"
+                raise UserError(
+                    f"training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: the epoch's "
+                    f"{name} is {value:.3g}, over {self.EXPLODED}x a uniform guess's (is the learning rate too high?); "
+                    f"stopped, {kept}"
+                )

@@ -20,17 +20,24 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from fmnist_lightning.atomic import ensure_output_path, nearest_existing
-from fmnist_lightning.callbacks import DivergenceGuard, KeepLastCheckpoint, PredictionWriter, RandomState
-from fmnist_lightning.checkpoints import ensure_checkpoint_fits, find_run_checkpoint, load_checkpoint
+from fmnist_lightning.callbacks import PredictionWriter
+from fmnist_lightning.checkpoints import DivergenceGuard, ensure_checkpoint_fits, find_run_checkpoint, load_checkpoint
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.errors import UserError, one_line_message
 from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
 from fmnist_lightning.export import export_checkpoint
 from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.resume import SPLIT_SETTINGS, RunSettings, recipe_differences, run_settings
-from fmnist_lightning.runtime import configure_runtime, fastest_precision
+from fmnist_lightning.outputs import ensure_output_path, nearest_existing
+from fmnist_lightning.resume import (
+    SPLIT_SETTINGS,
+    KeepLastCheckpoint,
+    RandomState,
+    RunSettings,
+    recipe_differences,
+    run_settings,
+)
+from fmnist_lightning.speed import configure_runtime, fastest_precision
 
 DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (

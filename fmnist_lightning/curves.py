@@ -4,9 +4,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist_lightning.atomic import ensure_output_path
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.metrics_log import NoCurvesError, RunMetrics, metrics_files, read_run
+from fmnist_lightning.outputs import ensure_output_path
 from fmnist_lightning.plots import CURVE_QUANTITIES, curve_figure, save_figure
 
 CURVE_FILES = {"acc": "accuracy", "loss": "loss"}

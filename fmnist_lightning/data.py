@@ -20,10 +20,9 @@ from fmnist_lightning.batches import (
     TensorBatchDataset,
     already_collated,
 )
+from fmnist_lightning.dataset_files import SYSTEM_DATA_DIR, check_split_files, ensure_dataset, split_paths
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.idx import check_split_files
 from fmnist_lightning.images import ImageFileDataset, Invert, collate_image_records
-from fmnist_lightning.sources import SYSTEM_DATA_DIR, ensure_dataset, split_paths
 
 NUM_CLASSES = 10
 DEFAULT_DATA_DIR = "data"

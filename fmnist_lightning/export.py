@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.atomic import atomic_write, ensure_output_path, new_folders_removed_on_error
 from fmnist_lightning.checkpoints import model_from_checkpoint
 from fmnist_lightning.data import DEFAULT_DATA_DIR, load_split
+from fmnist_lightning.dataset_files import SYSTEM_DATA_DIR, ensure_dataset
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.sources import SYSTEM_DATA_DIR, ensure_dataset
+from fmnist_lightning.outputs import atomic_write, ensure_output_path, new_folders_removed_on_error
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 MAX_ABS_DIFFERENCE = 1e-4

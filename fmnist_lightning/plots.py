@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from fmnist_lightning.atomic import atomic_write
 from fmnist_lightning.metrics_log import RunMetrics
+from fmnist_lightning.outputs import atomic_write
 
 DPI = 120
 STAGE_STYLE = {

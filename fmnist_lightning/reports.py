@@ -1,9 +1,10 @@
-"""Per-class evaluation numbers (torchmetrics) and the CSV / Markdown files they are written to."""
+"""The test report's content: per-class numbers (torchmetrics) with the CSV / Markdown files they are written
+to, and the examples its pictures show (the most confident mistakes, a sample of predictions)."""
 
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torchmetrics.classification import (
 )
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.outputs import atomic_write
 
 SCORES = ("precision", "recall", "f1")
 AVERAGES = ("macro", "micro")
@@ -103,3 +104,51 @@ def row_normalised(confusion: torch.Tensor) -> torch.Tensor:
     """Each true class's row divided by its count (a class with no images stays all zeros)."""
     totals = confusion.sum(dim=1, keepdim=True)
     return confusion.double() / totals.clamp(min=1)
+
+
+@dataclass
+class PredictionExamples:
+    """Images with their true class, predicted class and that prediction's probability (all on the CPU)."""
+
+    images: torch.Tensor = field(default_factory=lambda: torch.empty(0, 1, 28, 28, dtype=torch.uint8))
+    labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    predicted: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    confidence: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def extended(
+        self, images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, confidence: torch.Tensor
+    ) -> "PredictionExamples":
+        """A copy with more examples appended (moved to the CPU)."""
+        return PredictionExamples(
+            torch.cat([self.images, images.cpu()]),
+            torch.cat([self.labels, labels.cpu()]),
+            torch.cat([self.predicted, predicted.cpu()]),
+            torch.cat([self.confidence, confidence.float().cpu()]),
+        )
+
+    def subset(self, index: torch.Tensor) -> "PredictionExamples":
+        return PredictionExamples(self.images[index], self.labels[index], self.predicted[index], self.confidence[index])
+
+
+class ExampleCollector:
+    """Streams over test batches keeping the `gallery_size` most confident mistakes and the first samples."""
+
+    def __init__(self, gallery_size: int = 16, sample_size: int = 25) -> None:
+        self.gallery_size = gallery_size
+        self.sample_size = sample_size
+        self.mistakes = PredictionExamples()
+        self.samples = PredictionExamples()
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor) -> None:
+        confidence, predicted = probabilities.max(dim=1)
+        if len(self.samples) < self.sample_size:
+            take = slice(0, self.sample_size - len(self.samples))
+            self.samples = self.samples.extended(images[take], labels[take], predicted[take], confidence[take])
+        wrong = predicted != labels
+        if wrong.any():
+            candidates = self.mistakes.extended(images[wrong], labels[wrong], predicted[wrong], confidence[wrong])
+            keep = candidates.confidence.topk(min(self.gallery_size, len(candidates))).indices
+            self.mistakes = candidates.subset(keep)

@@ -1,14 +1,25 @@
-"""What a checkpoint's run must share with the command that continues or scores it.
+"""Resuming exactly: what a checkpoint records of its run, what a resume must match, and the callbacks that
+keep a run resumable (the random state, a current last.ckpt, an orderly stop on SIGTERM and Ctrl-C).
 
 A resumed run must compute what the interrupted one would have: same model, data order, batches,
 precision and seed. Settings that only change speed or where files are may differ; `max_epochs` may
 grow where the learning rate does not follow a schedule planned over the whole run.
 """
 
+import logging
+import os
+import signal
+import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from fmnist_lightning.callbacks import run_folder
 
 # Settings that change no number of a run: how fast it goes, and where its files are.
 FREE_SETTINGS = frozenset(
@@ -93,3 +104,120 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _comparable(value: Any) -> Any:
     return tuple(_comparable(item) for item in value) if isinstance(value, list | tuple) else value
+
+
+class RandomState(L.Callback):
+    """Saves the global random number generators in checkpoints and restores them on resume.
+
+    Dropout and batch augmentation draw from them; with their state restored, a run resumed from a
+    checkpoint draws exactly what the uninterrupted run would have (the data order has its own seed).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state_dict["cuda"]))
+
+
+SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
+
+
+class KeepLastCheckpoint(L.Callback):
+    """Keeps `last.ckpt` at the latest state: after every epoch's validation, on SIGTERM and on Ctrl-C.
+
+    Since Lightning 2.6, `ModelCheckpoint(save_last=True)` rewrites last.ckpt only when it saves a top-k
+    checkpoint at the same step; with `save_top_k: 1` that is a new best epoch only, and a run killed
+    later would resume from its best epoch and train the epochs after it once more. So once a
+    ModelCheckpoint has written its last.ckpt, this callback rewrites that file after every validation of
+    a fit (before the ModelCheckpoint's own turn: Lightning runs checkpoint callbacks last).
+
+    On SIGTERM (what schedulers send before killing a job) Lightning stops at the end of the current
+    batch, so the state saved there is consistent. A first Ctrl-C during training is turned into the same
+    orderly stop (the process then exits 130); a second one stops at once.
+
+    A run resumed from its own folder reached by another spelling (an absolute `save_dir`, a copied or
+    moved run folder) keeps writing its own last.ckpt: the ModelCheckpoint's saved paths are moved to
+    the folder it writes to now, instead of Lightning starting a `last-v1.ckpt` beside the old file. A
+    checkpoint that is only scored (validate, test, predict) does not restore those paths at all.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False  # by Ctrl-C
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._stop_at_batch_end)
+            # Lightning logs the SIGTERM this class sends itself; the user pressed Ctrl-C.
+            logging.getLogger(SIGNAL_LOGGER).addFilter(self._quiet_own_sigterm)
+
+    def _quiet_own_sigterm(self, record: logging.LogRecord) -> bool:
+        return not (self.interrupted and "Received SIGTERM" in record.getMessage())
+
+    def _stop_at_batch_end(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the batch to end
+        self.interrupted = True
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's orderly stop at the end of the batch
+
+    def _restore_sigint(self) -> None:
+        logging.getLogger(SIGNAL_LOGGER).removeFilter(self._quiet_own_sigterm)
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resumed_from = Path(trainer.ckpt_path or "").resolve().parent
+        for callback in trainer.checkpoint_callbacks:
+            if trainer.state.fn != TrainerFn.FITTING:  # only scored: its saved paths belong to the run that wrote it
+                checkpoint.get("callbacks", {}).pop(callback.state_key, None)
+                continue
+            state = checkpoint.get("callbacks", {}).get(callback.state_key)
+            if not state or not callback.dirpath or Path(callback.dirpath).resolve() != resumed_from:
+                continue
+            old, new = state.get("dirpath"), callback.dirpath
+            if not old or old == new:
+                continue
+
+            def moved(path: Any, old: Any = old, new: str = new) -> Any:
+                return str(Path(new) / Path(path).name) if path and Path(path).parent == Path(old) else path
+
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state[key] = moved(state.get(key))
+            state["best_k_models"] = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
+            state["dirpath"] = new
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        # Its own file name, so that the ModelCheckpoint does not take the file for another's and write last-v1.
+        if fitting and checkpoint is not None and checkpoint.save_last and checkpoint.last_model_path:
+            trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        checkpoint = trainer.checkpoint_callback
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not isinstance(exception, SIGTERMException) or not fitting or checkpoint is None:
+            return
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        cause = "interrupted (Ctrl-C)" if self.interrupted else "received SIGTERM"
+        if trainer.training:
+            trainer.save_checkpoint(path, weights_only=False)
+            what = f"saved {path}"
+        else:  # during validation: last.ckpt holds the end of the epoch's training or an earlier state
+            what = f"{path} holds the last saved state"
+        config = run_folder(trainer) / "config.yaml"  # every process: a collective call under DDP
+        if trainer.is_global_zero:
+            how = f"fmnist fit --config {config} --ckpt_path {path}"
+            print(f"{cause}: {what}; resume with `{how}`", flush=True)

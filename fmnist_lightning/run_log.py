@@ -16,7 +16,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from fmnist_lightning.atomic import atomic_write
+from fmnist_lightning.outputs import atomic_write
 
 BOOKKEEPING = ("epoch", "step")
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.network import original_cnn
-from fmnist_lightning.runtime import configure_runtime
+from fmnist_lightning.speed import configure_runtime
 
 PIPELINES = ("b", "a_same", "a_default", "c")
 READY, EPOCH, RESULT = "BENCHMARK-READY", "BENCHMARK-EPOCH", "BENCHMARK-RESULT"

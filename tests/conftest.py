@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_lightning.sources import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
+from fmnist_lightning.dataset_files import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
 from helpers import run_main, tiny_fit_args, write_tiny_dataset
 
 

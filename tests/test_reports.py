@@ -5,9 +5,9 @@ import csv
 import pytest
 import torch
 
-from fmnist_lightning.evaluation import ExampleCollector
 from fmnist_lightning.reports import (
     ClassificationReportMetric,
+    ExampleCollector,
     confusion_rows,
     markdown_table,
     report_rows,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fmnist_lightning import runtime
+from fmnist_lightning import speed
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.module import FashionMNISTClassifier
 from helpers import REPO, load_script
@@ -120,8 +120,8 @@ def test_unset_precision_is_bf16_only_where_the_hardware_computes_bf16(
 ):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
-    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: cpu_bf16)
-    assert runtime.fastest_precision(accelerator) == expected
+    monkeypatch.setattr(speed, "cpu_computes_bf16", lambda: cpu_bf16)
+    assert speed.fastest_precision(accelerator) == expected
 
 
 @pytest.mark.parametrize(
@@ -140,18 +140,18 @@ def test_the_nvml_check_is_dropped_only_where_the_library_is_missing(
             raise OSError(f"{name}: cannot open shared object file")
 
     if setting is None:
-        monkeypatch.delenv(runtime.NVML_CHECK_ENV, raising=False)
+        monkeypatch.delenv(speed.NVML_CHECK_ENV, raising=False)
     else:
-        monkeypatch.setenv(runtime.NVML_CHECK_ENV, setting)
-    monkeypatch.setattr(runtime.ctypes, "CDLL", load)
-    assert runtime.skip_missing_nvml() == (setting != expected_setting)
-    assert runtime.os.environ.get(runtime.NVML_CHECK_ENV) == expected_setting
+        monkeypatch.setenv(speed.NVML_CHECK_ENV, setting)
+    monkeypatch.setattr(speed.ctypes, "CDLL", load)
+    assert speed.skip_missing_nvml() == (setting != expected_setting)
+    assert speed.os.environ.get(speed.NVML_CHECK_ENV) == expected_setting
 
 
 def test_skipping_a_missing_nvml_keeps_the_answer_about_gpus(monkeypatch):
-    monkeypatch.setenv(runtime.NVML_CHECK_ENV, "1")
+    monkeypatch.setenv(speed.NVML_CHECK_ENV, "1")
     through_nvml = torch.cuda.is_available()
-    runtime.skip_missing_nvml()
+    speed.skip_missing_nvml()
     assert torch.cuda.is_available() == through_nvml
 
 

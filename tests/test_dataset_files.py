@@ -1,4 +1,4 @@
-"""Finding and checking the data files: each source in order, the error when none works, damaged files."""
+"""The Fashion-MNIST files: found in the data folder, the system copy or a download, checked, written atomically."""
 
 import shutil
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist_lightning import sources
+from fmnist_lightning import dataset_files
+from fmnist_lightning.dataset_files import RAW_FILE_NAMES, ensure_dataset, raw_folder
 from fmnist_lightning.errors import DataError
-from fmnist_lightning.sources import RAW_FILE_NAMES, ensure_dataset, raw_folder
 from helpers import write_idx, write_tiny_dataset
 
 
@@ -18,7 +18,7 @@ def no_download(*args, **kwargs):
 
 def test_files_already_in_data_dir_are_used_as_they_are(tmp_path, tiny_system_dir, monkeypatch):
     write_tiny_dataset(raw_folder(tmp_path))
-    monkeypatch.setattr(sources, "FashionMNIST", no_download)
+    monkeypatch.setattr(dataset_files, "FashionMNIST", no_download)
     before = {name: (raw_folder(tmp_path) / name).stat().st_mtime_ns for name in RAW_FILE_NAMES}
 
     assert ensure_dataset(tmp_path, tiny_system_dir) == "data_dir"
@@ -26,7 +26,7 @@ def test_files_already_in_data_dir_are_used_as_they_are(tmp_path, tiny_system_di
 
 
 def test_system_copy_is_unpacked_into_data_dir(tmp_path, tiny_data_dir, tiny_system_dir, monkeypatch):
-    monkeypatch.setattr(sources, "FashionMNIST", no_download)
+    monkeypatch.setattr(dataset_files, "FashionMNIST", no_download)
 
     assert ensure_dataset(tmp_path / "data", tiny_system_dir) == "system"
     for name in RAW_FILE_NAMES:
@@ -56,7 +56,7 @@ def test_download_is_the_last_resort(tmp_path, tiny_data_dir, monkeypatch):
             calls.append((train, download))
             shutil.copytree(raw_folder(tiny_data_dir), raw_folder(root), dirs_exist_ok=True)
 
-    monkeypatch.setattr(sources, "FashionMNIST", FakeFashionMNIST)
+    monkeypatch.setattr(dataset_files, "FashionMNIST", FakeFashionMNIST)
 
     assert ensure_dataset(tmp_path / "data", tmp_path / "no-system-copy") == "download"
     assert calls == [(True, True), (False, True)]
@@ -68,7 +68,7 @@ def test_no_source_gives_one_error_naming_both_ways_to_get_the_data(tmp_path, mo
     def offline(root, train, download):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\nno network")
 
-    monkeypatch.setattr(sources, "FashionMNIST", offline)
+    monkeypatch.setattr(dataset_files, "FashionMNIST", offline)
 
     with pytest.raises(DataError) as error:
         ensure_dataset(tmp_path / "data", tmp_path / "no-system-copy")
@@ -80,7 +80,7 @@ def test_no_source_gives_one_error_naming_both_ways_to_get_the_data(tmp_path, mo
 
 
 def test_download_disabled_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "FashionMNIST", no_download)
+    monkeypatch.setattr(dataset_files, "FashionMNIST", no_download)
     with pytest.raises(DataError, match="download disabled"):
         ensure_dataset(tmp_path / "data", tmp_path / "no-system-copy", download=False)
 
