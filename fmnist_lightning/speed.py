@@ -22,7 +22,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees a few activation tensors of several MB. With glibc's default
     thresholds those come from fresh mmap()s whose pages the kernel must fault in and zero every
-    step: millions of page faults per epoch, about 40% of a CPU step here. Raising the thresholds
+    step: millions of page faults per epoch (docs/performance.md has the cost). Raising the thresholds
     turns that into plain reuse of the heap. Returns False where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
@@ -38,9 +38,9 @@ def skip_missing_nvml() -> bool:
 
     Lightning asks torch to check for GPUs through NVML (`PYTORCH_NVML_BASED_CUDA_CHECK=1`), which keeps
     fork() safe. Adam runs that check on every step; with a CUDA build of torch on a machine without the
-    driver (a CPU-only machine), torch then tries to load the missing library each time (~60 us here) and
-    falls back to asking the CUDA runtime, the answer the plain check gives directly. Where the library
-    is missing, this switches to the plain check: same answer, no failed load. Returns whether it did.
+    driver (a CPU-only machine), torch then tries to load the missing library each time and falls back to
+    asking the CUDA runtime, the answer the plain check gives directly. Where the library is missing,
+    this switches to the plain check: same answer, no failed load. Returns whether it did.
     """
     if os.environ.get(NVML_CHECK_ENV) != "1":
         return False
@@ -57,10 +57,10 @@ def configure_runtime() -> None:
 
     - the allocator thresholds above (`keep_freed_memory`);
     - no per-step search for a missing NVML library (`skip_missing_nvml`);
-    - Lightning's progress bar redraws every 50 steps instead of every step, which cost about a third
-      of a millisecond per step here (set TQDM_MINITERS to choose);
+    - Lightning's progress bar redraws every 50 steps instead of every step, which costs a visible part
+      of a small step (set TQDM_MINITERS to choose);
     - `deterministic: true` no longer fills every new tensor with NaN (a debugging aid that exposes reads
-      of uninitialised memory, ~2 ms per step on a CPU); the deterministic algorithms themselves stay on.
+      of uninitialised memory, and costs a step milliseconds); the deterministic algorithms stay on.
     """
     keep_freed_memory()
     skip_missing_nvml()
@@ -71,8 +71,8 @@ def configure_runtime() -> None:
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX).
 
-    Without it, oneDNN emulates bf16 and a bf16-mixed step of this network is over ten times slower
-    than an fp32 one (measured on an AVX2-only EPYC); with it, about 25% faster.
+    Without it, oneDNN emulates bf16 and a bf16-mixed step of this network is many times slower than an
+    fp32 one; with it, faster (docs/performance.md has both).
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the fallback
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)

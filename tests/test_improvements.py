@@ -1,10 +1,10 @@
 """The options beyond the original: augmentation, dropout, BatchNorm, label smoothing, schedules, TTA, MobileNetV2."""
 
 import csv
+import io
 import itertools
+import logging
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier, warmup_cosine
 from fmnist_lightning.network import original_cnn
-from helpers import REPO, cli_environment, read_metrics, run_cli, run_main, tiny_fit_args
+from helpers import REPO, load_script, read_metrics, run_cli, run_main, tiny_fit_args
 
 IMPROVED = REPO / "configs" / "improved.yaml"
 
@@ -120,22 +120,28 @@ def test_warmup_cosine_schedule_shape():
 
 
 def test_improved_config_trains_with_every_option_and_the_schedule_is_applied(tiny_data_dir, tmp_path):
-    result = run_cli(
-        "fit",
-        *tiny_fit_args(tiny_data_dir, epochs=3),
-        "--config",
-        str(IMPROVED),
-        "--trainer.max_epochs=3",
-        "--model.dropout=[0.0, 0.1, 0.2, 0.3]",  # the options improved.yaml leaves out, so every one runs
-        "--data.flip=true",
-        "--data.erase=0.25",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
-        "--trainer.callbacks.logging_interval=step",
-        "--trainer.log_every_n_steps=1",
-        "--test_after_fit=true",
-        cwd=tmp_path,
-    )
-    summary = result.stdout + result.stderr  # the fit-start summary
+    logged = io.StringIO()  # Lightning logs the fit-start summary through its own logger's handler
+    handler = logging.StreamHandler(logged)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        result = run_main(
+            "fit",
+            *tiny_fit_args(tiny_data_dir, epochs=3),
+            "--config",
+            str(IMPROVED),
+            "--trainer.max_epochs=3",
+            "--model.dropout=[0.0, 0.1, 0.2, 0.3]",  # the options improved.yaml leaves out, so every one runs
+            "--data.flip=true",
+            "--data.erase=0.25",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+            "--trainer.callbacks.logging_interval=step",
+            "--trainer.log_every_n_steps=1",
+            "--test_after_fit=true",
+            cwd=tmp_path,
+        )
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    summary = result.stdout + logged.getvalue()  # the fit-start summary
     assert "batch_normalization_2" in summary and "dropout_3" in summary
     assert re.search(r"93\.6 K\s+Total params", summary)
     rows = read_metrics(tmp_path / "runs" / "improved" / "version_0")
@@ -175,16 +181,8 @@ def test_ablation_script_writes_its_table_and_figure(tiny_data_dir, tmp_path):
     out = tmp_path / "ablation"
     recipes = ["--recipes", "base (the original, 10 epochs)", "+ batch norm"]
     shorter = ["--", "--trainer.max_epochs=1", "--data.batch_size=32", "--data.download=false"]
-    script = [sys.executable, str(REPO / "scripts" / "ablation.py"), "--seeds", "0", "1", "--jobs", "2"]
-    result = subprocess.run(
-        [*script, "--data-dir", str(tiny_data_dir), "--out", str(out), *recipes, *shorter],
-        cwd=tmp_path,
-        env=cli_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    options = ["--seeds", "0", "1", "--jobs", "2", "--data-dir", str(tiny_data_dir), "--out", str(out)]
+    load_script("ablation").main([*options, *recipes, *shorter])  # here; every run in a process of its own
     with open(out / "ablation.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["recipe"] for row in rows] == ["base (the original, 10 epochs)", "+ batch norm"]
