@@ -26,14 +26,7 @@ from fmnist_lightning.reports import (
     row_normalised,
     write_csv,
 )
-
-
-def run_folder(trainer: L.Trainer) -> Path:
-    """The folder a run writes its logs to (the logger's version folder), where reports go too.
-
-    Under DDP this is a collective call (rank 0 broadcasts its folder): every process must make it.
-    """
-    return Path(trainer.log_dir or trainer.default_root_dir)
+from fmnist_lightning.run_folders import run_folder
 
 
 class CurvePlots(L.Callback):

@@ -194,27 +194,6 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifi
     return model.eval(), Path(path)
 
 
-def find_run_checkpoint(runs_root: Path, which: str) -> Path:
-    """`last` or `best` checkpoint of the newest run under `runs_root` (save_dir/name of the logger)."""
-    runs = sorted(
-        (folder for folder in runs_root.glob("version_*") if (folder / "checkpoints" / "last.ckpt").is_file()),
-        key=lambda folder: int(folder.name.removeprefix("version_")) if folder.name[8:].isdigit() else -1,
-    )
-    if not runs:
-        raise UserError(
-            f"--ckpt_path {which}: no run with a checkpoints/last.ckpt under {runs_root}; "
-            "train first, or give the path of a .ckpt file"
-        )
-    last = runs[-1] / "checkpoints" / "last.ckpt"
-    if which == "last":
-        return last
-    for state in load_checkpoint(last).get("callbacks", {}).values():
-        best = state.get("best_model_path") if isinstance(state, dict) else None
-        if best and (last.parent / Path(best).name).is_file():
-            return last.parent / Path(best).name
-    raise UserError(f"--ckpt_path best: {last} does not say which checkpoint is best; give the path of a .ckpt file")
-
-
 class DivergenceGuard(L.Callback):
     """Stops a fit whose loss has blown up, before that state is saved as a checkpoint (best or last).
 

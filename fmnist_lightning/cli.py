@@ -3,14 +3,12 @@
 import inspect
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser
@@ -18,17 +16,15 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fmnist_lightning.callbacks import PredictionWriter
-from fmnist_lightning.checkpoints import DivergenceGuard, ensure_checkpoint_fits, find_run_checkpoint, load_checkpoint
+from fmnist_lightning.checkpoints import DivergenceGuard, ensure_checkpoint_fits, load_checkpoint
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.errors import UserError, one_line_message
 from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
 from fmnist_lightning.export import export_checkpoint
 from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.outputs import ensure_output_path, nearest_existing
 from fmnist_lightning.resume import (
     SPLIT_SETTINGS,
     KeepLastCheckpoint,
@@ -36,6 +32,15 @@ from fmnist_lightning.resume import (
     RunSettings,
     recipe_differences,
     run_settings,
+)
+from fmnist_lightning.run_folders import (
+    NewRunFolder,
+    TakeBackRunFolders,
+    claim_run_folder,
+    continue_run_folder,
+    find_run_checkpoint,
+    remove_unfinished_run_folder,
+    runs_root,
 )
 from fmnist_lightning.speed import configure_runtime, fastest_precision
 
@@ -131,24 +136,15 @@ class FashionMNISTCLI(LightningCLI):
         if self.subcommand:  # recorded by fit; there in every subcommand, as Lightning expects its state's owner
             self.trainer.callbacks.append(RunSettings(run_settings(self.config[self.subcommand])))
         # Last, once nothing else can refuse the command: the run folders it writes to.
-        self.new_run_folders: list[NewRunFolder | None] = []
-        with self._run_folders_taken_back_on_failure():
-            for logger in self.trainer.loggers:
-                self.new_run_folders.append(claim_run_folder(logger))
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        with self._run_folders_taken_back_on_failure():
-            super()._run_subcommand(subcommand)
-
-    @contextmanager
-    def _run_folders_taken_back_on_failure(self) -> Iterator[None]:
-        """A failed command removes the run folders it created and left without results."""
+        claimed: list[NewRunFolder | None] = []
         try:
-            yield
+            for logger in self.trainer.loggers:
+                claimed.append(claim_run_folder(logger))
         except BaseException:
-            for folder in self.new_run_folders:
+            for folder in claimed:
                 remove_unfinished_run_folder(folder)
             raise
+        self.trainer.callbacks.append(TakeBackRunFolders(claimed))
 
     def predict(self, **kwargs: Any) -> None:
         """Lightning's predict, streaming: results go to the PredictionWriter, not into a list in memory."""
@@ -178,80 +174,6 @@ class FashionMNISTCLI(LightningCLI):
 def trained_with_flips(checkpoint: Mapping[str, Any]) -> bool:
     """Whether the run that saved `checkpoint` mirrored its training images (`data.flip`)."""
     return bool((checkpoint.get("datamodule_hyper_parameters") or {}).get("flip"))
-
-
-class NewRunFolder(NamedTuple):
-    """A run folder this command created, and the folder that already existed above it."""
-
-    path: Path
-    existed: Path
-
-
-def claim_run_folder(logger: Any) -> NewRunFolder | None:
-    """Create a logger's next `version_N` folder now, atomically, and make the logger use it.
-
-    Lightning picks the next free number and creates the folder later, so two runs started at the same
-    moment could pick the same folder and mix their logs; `mkdir` succeeds for one of them only, and the
-    other takes the next number. Only the first process does this (under DDP the others write nothing).
-    """
-    root = getattr(logger, "root_dir", None)
-    if root is None or getattr(logger, "_version", 0) is not None or rank_zero_only.rank != 0:
-        return None  # no folder of its own, a version already chosen (a resumed run), or not the first process
-    ensure_output_path(root, "--trainer.logger.init_args.save_dir", is_folder=True)
-    existed = nearest_existing(Path(root))
-    Path(root).mkdir(parents=True, exist_ok=True)
-    version = logger._get_next_version()
-    while True:
-        try:
-            (Path(root) / f"version_{version}").mkdir()
-            break
-        except FileExistsError:
-            version += 1
-    logger._version = version  # CSVLogger and TensorBoardLogger keep the chosen version here
-    return NewRunFolder(Path(root) / f"version_{version}", existed)
-
-
-def remove_unfinished_run_folder(folder: NewRunFolder | None) -> None:
-    """Remove a run folder created by a failed command if it holds no checkpoint and no metrics, and the
-    folders created above it if that leaves them empty."""
-    if folder is None or not folder.path.is_dir():
-        return
-    if any(folder.path.rglob("*.ckpt")) or (folder.path / "metrics.csv").is_file():
-        return  # the run trained: what it left is worth keeping
-    shutil.rmtree(folder.path, ignore_errors=True)
-    parent = folder.path.parent.absolute()
-    while parent != folder.existed and parent.is_relative_to(folder.existed):
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-        parent = parent.parent
-
-
-def _logger_settings(logger: Any) -> Any:
-    """The init_args of the (first) configured logger, or None for `logger: false/true`."""
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    return None if logger is None or isinstance(logger, bool) else logger.get("init_args")
-
-
-def runs_root(logger: Any) -> Path:
-    """The folder holding a logger's version_N run folders: save_dir/name."""
-    settings = _logger_settings(logger)
-    if settings is None or settings.get("save_dir") is None:
-        raise UserError("--ckpt_path last/best needs a logger with a save_dir (as in configs/base.yaml)")
-    return Path(settings.save_dir) / (settings.get("name") or "")
-
-
-def continue_run_folder(logger: Any, checkpoint: Path) -> None:
-    """When resuming from runs/NAME/version_N/checkpoints/*.ckpt, log into version_N again."""
-    settings = _logger_settings(logger)
-    folder = checkpoint.resolve().parent
-    if settings is None or settings.get("save_dir") is None or folder.name != "checkpoints":
-        return
-    if folder.parent.parent == runs_root(logger).resolve() and folder.parent.name.startswith("version_"):
-        version = folder.parent.name.removeprefix("version_")
-        settings.version = int(version) if version.isdigit() else folder.parent.name
 
 
 def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fmnist_lightning.callbacks import run_folder
+from fmnist_lightning.run_folders import run_folder
 
 # Settings that change no number of a run: how fast it goes, and where its files are.
 FREE_SETTINGS = frozenset(

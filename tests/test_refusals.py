@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from fmnist_lightning.checkpoints import SafeCheckpointIO
-from fmnist_lightning.cli import claim_run_folder
 from fmnist_lightning.dataset_files import raw_folder
 from fmnist_lightning.errors import UserError
+from fmnist_lightning.run_folders import claim_run_folder
 from fmnist_lightning.run_log import RunCSVLogger
 from helpers import BASE_CONFIG, REPO, cli_environment, run_main, tiny_fit_args, tree_snapshot
 

@@ -1,0 +1,131 @@
+"""Run folders (`save_dir/name/version_N`): the one a run writes to, the newest run's checkpoints, the folder
+a resumed run continues, and a new one claimed atomically and taken back if the command fails for nothing."""
+
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from fmnist_lightning.checkpoints import load_checkpoint
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.outputs import ensure_output_path, nearest_existing
+
+
+def run_folder(trainer: L.Trainer) -> Path:
+    """The folder a run writes its logs to (the logger's version folder), where reports go too.
+
+    Under DDP this is a collective call (rank 0 broadcasts its folder): every process must make it.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def find_run_checkpoint(runs_root: Path, which: str) -> Path:
+    """`last` or `best` checkpoint of the newest run under `runs_root` (save_dir/name of the logger)."""
+    runs = sorted(
+        (folder for folder in runs_root.glob("version_*") if (folder / "checkpoints" / "last.ckpt").is_file()),
+        key=lambda folder: int(folder.name.removeprefix("version_")) if folder.name[8:].isdigit() else -1,
+    )
+    if not runs:
+        raise UserError(
+            f"--ckpt_path {which}: no run with a checkpoints/last.ckpt under {runs_root}; "
+            "train first, or give the path of a .ckpt file"
+        )
+    last = runs[-1] / "checkpoints" / "last.ckpt"
+    if which == "last":
+        return last
+    for state in load_checkpoint(last).get("callbacks", {}).values():
+        best = state.get("best_model_path") if isinstance(state, dict) else None
+        if best and (last.parent / Path(best).name).is_file():
+            return last.parent / Path(best).name
+    raise UserError(f"--ckpt_path best: {last} does not say which checkpoint is best; give the path of a .ckpt file")
+
+
+class NewRunFolder(NamedTuple):
+    """A run folder this command created, and the folder that already existed above it."""
+
+    path: Path
+    existed: Path
+
+
+def claim_run_folder(logger: Any) -> NewRunFolder | None:
+    """Create a logger's next `version_N` folder now, atomically, and make the logger use it.
+
+    Lightning picks the next free number and creates the folder later, so two runs started at the same
+    moment could pick the same folder and mix their logs; `mkdir` succeeds for one of them only, and the
+    other takes the next number. Only the first process does this (under DDP the others write nothing).
+    """
+    root = getattr(logger, "root_dir", None)
+    if root is None or getattr(logger, "_version", 0) is not None or rank_zero_only.rank != 0:
+        return None  # no folder of its own, a version already chosen (a resumed run), or not the first process
+    ensure_output_path(root, "--trainer.logger.init_args.save_dir", is_folder=True)
+    existed = nearest_existing(Path(root))
+    Path(root).mkdir(parents=True, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        try:
+            (Path(root) / f"version_{version}").mkdir()
+            break
+        except FileExistsError:
+            version += 1
+    logger._version = version  # CSVLogger and TensorBoardLogger keep the chosen version here
+    return NewRunFolder(Path(root) / f"version_{version}", existed)
+
+
+def remove_unfinished_run_folder(folder: NewRunFolder | None) -> None:
+    """Remove a run folder created by a failed command if it holds no checkpoint and no metrics, and the
+    folders created above it if that leaves them empty."""
+    if folder is None or not folder.path.is_dir():
+        return
+    if any(folder.path.rglob("*.ckpt")) or (folder.path / "metrics.csv").is_file():
+        return  # the run trained: what it left is worth keeping
+    shutil.rmtree(folder.path, ignore_errors=True)
+    parent = folder.path.parent.absolute()
+    while parent != folder.existed and parent.is_relative_to(folder.existed):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+
+
+def _logger_settings(logger: Any) -> Any:
+    """The init_args of the (first) configured logger, or None for `logger: false/true`."""
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    return None if logger is None or isinstance(logger, bool) else logger.get("init_args")
+
+
+def runs_root(logger: Any) -> Path:
+    """The folder holding a logger's version_N run folders: save_dir/name."""
+    settings = _logger_settings(logger)
+    if settings is None or settings.get("save_dir") is None:
+        raise UserError("--ckpt_path last/best needs a logger with a save_dir (as in configs/base.yaml)")
+    return Path(settings.save_dir) / (settings.get("name") or "")
+
+
+def continue_run_folder(logger: Any, checkpoint: Path) -> None:
+    """When resuming from runs/NAME/version_N/checkpoints/*.ckpt, log into version_N again."""
+    settings = _logger_settings(logger)
+    folder = checkpoint.resolve().parent
+    if settings is None or settings.get("save_dir") is None or folder.name != "checkpoints":
+        return
+    if folder.parent.parent == runs_root(logger).resolve() and folder.parent.name.startswith("version_"):
+        version = folder.parent.name.removeprefix("version_")
+        settings.version = int(version) if version.isdigit() else folder.parent.name
+
+
+class TakeBackRunFolders(L.Callback):
+    """When the command fails, removes the run folders it claimed and left without results.
+
+    Lightning calls `on_exception` for anything raised inside fit, validate, test or predict (a Ctrl-C and
+    SIGTERM included); as the last callback this runs after the others have saved what they save.
+    """
+
+    def __init__(self, folders: list[NewRunFolder | None]) -> None:
+        self.folders = folders
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for folder in self.folders:
+            remove_unfinished_run_folder(folder)
