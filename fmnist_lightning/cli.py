@@ -65,12 +65,6 @@ class FashionMNISTCLI(LightningCLI):
             default=False,
             help="fit only: test the best checkpoint on the official test set once training ends",
         )
-        parser.add_argument(
-            "--tta",
-            type=bool,
-            default=False,
-            help="test/predict: test-time augmentation, averaging each image's probabilities with its mirror image's",
-        )
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # --predictions.output/format/top_k
         # Checkpoints are saved atomically and loaded without running pickled code, whatever the config.
         parser.set_defaults({"trainer.plugins": [{"class_path": "fmnist_lightning.checkpoints.SafeCheckpointIO"}]})
@@ -122,7 +116,6 @@ class FashionMNISTCLI(LightningCLI):
             )
 
     def after_instantiate_classes(self) -> None:
-        self.model.test_time_augmentation = bool(self._get(self.config, "tta"))
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
             checkpoint = load_checkpoint(ckpt_path)
@@ -130,7 +123,7 @@ class FashionMNISTCLI(LightningCLI):
             if self.model.test_time_augmentation and not trained_with_flips(checkpoint):
                 print(
                     f"fmnist: warning: {ckpt_path} was trained without data.flip, so its mirror images are new "
-                    "to it and --tta usually lowers accuracy (docs/improvements.md)",
+                    "to it and --model.tta usually lowers accuracy (docs/improvements.md)",
                     file=sys.stderr,
                 )
         if self.subcommand:  # recorded by fit; there in every subcommand, as Lightning expects its state's owner

@@ -53,6 +53,8 @@ class FashionMNISTClassifier(LightningModule):
         cuda_graph: On a single GPU, replay each training step (forward pass, loss, metric updates,
             backward pass) as one CUDA graph (`fmnist_lightning.graphed`): the same numbers, several times
             faster per epoch (docs/performance.md). No effect on a CPU or with several devices.
+        tta: Test-time augmentation for `test` and `predict`: average each image's probabilities with its
+            mirror image's. Not saved in checkpoints, so `--model.tta true` applies to any checkpoint.
     """
 
     def __init__(
@@ -70,14 +72,15 @@ class FashionMNISTClassifier(LightningModule):
         channels_last: bool = True,
         compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False,
         cuda_graph: bool = True,
+        tta: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tta"])  # how to evaluate, not what was trained: the command decides
         self.optimizer_factory = optimizer
         self.label_smoothing = label_smoothing
         self.lr_schedule = lr_schedule
         self.warmup_epochs = warmup_epochs
-        self.test_time_augmentation = False  # set for test/predict by the CLI's --tta
+        self.test_time_augmentation = tta
         self.graphed_step: GraphedStep | None = None  # set at fit start where `cuda_graph` applies
         self.input_scaling = InputScaling(normalize)
         try:

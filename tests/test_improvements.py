@@ -106,7 +106,7 @@ def test_test_time_augmentation_averages_the_mirror_image():
     model = FashionMNISTClassifier().eval()
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     plain = model.probabilities(images)
-    model.test_time_augmentation = True
+    model.test_time_augmentation = True  # what `tta=True` sets
     expected = (plain + model(images.flip(-1)).softmax(1)) / 2
     torch.testing.assert_close(model.probabilities(images), expected)
 
@@ -153,10 +153,13 @@ def test_improved_config_trains_with_every_option_and_the_schedule_is_applied(ti
 def test_tta_switch_for_test(tiny_checkpoint, tiny_data_dir, tmp_path):
     plain = run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), cwd=tmp_path)
     tta = run_main(
-        "test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), "--tta=true", cwd=tmp_path
+        "test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), "--model.tta=true", cwd=tmp_path
     )
     scores = [re.search(r"test:\s+accuracy (\S+), loss (\S+)", r.stdout).groups() for r in (plain, tta)]
     assert scores[0] != scores[1]  # reported separately, and it does change the numbers
+    # an evaluation setting, not saved: a checkpoint's settings (which LightningCLI puts over the command line)
+    # never switch it off
+    assert "tta" not in torch.load(tiny_checkpoint, weights_only=True)["hyper_parameters"]
     assert "trained without data.flip" in tta.stderr and "warning" not in plain.stderr  # mirror images are new to it
 
 
