@@ -10,9 +10,14 @@ step counting, gradient clipping and learning-rate schedules work as without the
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any
 
+import lightning as L
 import torch
 from torchmetrics import Metric
+
+from fmnist_lightning.errors import UserError
 
 # (images, labels) -> the detached loss, after it has put the gradients in the parameters' .grad
 StepWithGradients = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,3 +126,64 @@ def _autocast_without_cache(device_type: str) -> AbstractContextManager:
     if not torch.is_autocast_enabled(device_type):
         return nullcontext()
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+class CudaGraphTraining(L.Callback):
+    """Replays the training steps of a fit on one GPU as CUDA graphs (`model.cuda_graph`); elsewhere nothing.
+
+    At fit start the module's `training_step`, `backward` and `optimizer_zero_grad` are shadowed on the
+    module object (Lightning calls its hooks through the object), and restored when the fit ends: the
+    graphed step runs the module's own training step and its backward pass, so Lightning's backward must
+    not run again, and its `zero_grad` must not take away the gradients each replay writes in place.
+    """
+
+    HOOKS = ("training_step", "backward", "optimizer_zero_grad")
+
+    def __init__(self) -> None:
+        self.step: GraphedStep | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = None
+        if not (can_capture(pl_module.device) and trainer.world_size == 1):
+            return
+        conflicts = {
+            "model.compile": pl_module.hparams.compile,  # torch.compile's CUDA graphs and this one do not nest
+            "trainer.accumulate_grad_batches > 1": trainer.accumulate_grad_batches > 1,  # a replay overwrites
+            "trainer.precision 16-mixed": trainer.precision == "16-mixed",  # scales the loss in backward()
+        }
+        for setting, conflicting in conflicts.items():
+            if conflicting:
+                raise UserError(f"model.cuda_graph does not work with {setting}; set --model.cuda_graph false")
+        self.step = GraphedStep(
+            partial(_step_with_gradients, pl_module), pl_module.parameters(), pl_module.stage_metrics("train").values()
+        )
+        step = self.step
+        pl_module.training_step = lambda batch, batch_idx: step(*batch)
+        pl_module.backward = pl_module.optimizer_zero_grad = _done_by_the_graph
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.step is not None:
+            self.step.invalidate()  # the epoch-end metric reset gave the metrics new state tensors
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore(pl_module)
+
+    def _restore(self, pl_module: L.LightningModule) -> None:
+        for hook in self.HOOKS:
+            pl_module.__dict__.pop(hook, None)  # the class's own methods again
+        self.step = None  # frees the graph and its memory
+
+
+def _step_with_gradients(module: L.LightningModule, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The module's own training step and its backward pass: the part of a step a CUDA graph holds."""
+    loss = type(module).training_step(module, (images, labels), 0)
+    with torch.autocast(module.device.type, enabled=False):  # outside mixed precision, as Lightning does
+        loss.backward()
+    return loss.detach()
+
+
+def _done_by_the_graph(*args: Any, **kwargs: Any) -> None:
+    """Stands in for Lightning's backward pass and zero_grad, which the graphed step does itself."""

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -15,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fmnist_lightning.batches import Batch
 from fmnist_lightning.data import NUM_CLASSES
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.graphed import GraphedStep, can_capture
+from fmnist_lightning.graphed import CudaGraphTraining
 from fmnist_lightning.network import InputScaling, MobileNetV2Classifier, original_cnn
 
 STAGES = ("train", "val", "test")
@@ -51,8 +52,9 @@ class FashionMNISTClassifier(LightningModule):
             "reduce-overhead" replays the forward and backward passes as CUDA graphs, which saves the kernel
             launches that bound this small network on a GPU (on a small CPU a compiled step is slower).
         cuda_graph: On a single GPU, replay each training step (forward pass, loss, metric updates,
-            backward pass) as one CUDA graph (`fmnist_lightning.graphed`): the same numbers, several times
-            faster per epoch (docs/performance.md). No effect on a CPU or with several devices.
+            backward pass) as one CUDA graph (`fmnist_lightning.graphed.CudaGraphTraining`): the same
+            numbers, several times faster per epoch (docs/performance.md). No effect on a CPU or with several
+            devices.
         tta: Test-time augmentation for `test` and `predict`: average each image's probabilities with its
             mirror image's. Not saved in checkpoints, so `--model.tta true` applies to any checkpoint.
     """
@@ -81,7 +83,6 @@ class FashionMNISTClassifier(LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_epochs = warmup_epochs
         self.test_time_augmentation = tta
-        self.graphed_step: GraphedStep | None = None  # set at fit start where `cuda_graph` applies
         self.input_scaling = InputScaling(normalize)
         try:
             if architecture == "mobilenet_v2":
@@ -135,45 +136,11 @@ class FashionMNISTClassifier(LightningModule):
         return scores, losses.mean()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        if self.graphed_step is not None:
-            return self.graphed_step(*batch)
         return self._shared_step(batch, "train")[1]
 
-    def _step_with_gradients(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """A training step and its backward pass, the part of a step a CUDA graph holds (`cuda_graph`)."""
-        _, loss = self._shared_step((images, labels), "train")
-        with torch.autocast(self.device.type, enabled=False):  # outside mixed precision, as Lightning does
-            loss.backward()
-        return loss.detach()
-
-    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """Lightning's backward pass, except where the graphed step has computed the gradients already."""
-        if self.graphed_step is None:
-            super().backward(loss, *args, **kwargs)
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        """The graphed step overwrites the gradients in place; Lightning's zero_grad would take them away."""
-        if self.graphed_step is None:
-            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-
-    def on_fit_start(self) -> None:
-        self.graphed_step = None
-        if not (self.hparams.cuda_graph and can_capture(self.device) and self.trainer.world_size == 1):
-            return
-        conflicts = {
-            "model.compile": self.hparams.compile,  # torch.compile's CUDA graphs and this one do not nest
-            "trainer.accumulate_grad_batches > 1": self.trainer.accumulate_grad_batches > 1,  # graph overwrites
-            "trainer.precision 16-mixed": self.trainer.precision == "16-mixed",  # scales the loss in backward()
-        }
-        for setting, conflicting in conflicts.items():
-            if conflicting:
-                raise UserError(f"model.cuda_graph does not work with {setting}; set --model.cuda_graph false")
-        self.graphed_step = GraphedStep(
-            self._step_with_gradients, self.parameters(), metrics=self.stage_metrics("train").values()
-        )
-
-    def on_fit_end(self) -> None:
-        self.graphed_step = None  # frees the graph and its memory
+    def configure_callbacks(self) -> list[L.Callback]:
+        """`cuda_graph`: the training steps replayed as CUDA graphs, by a callback of their own."""
+        return [CudaGraphTraining()] if self.hparams.cuda_graph else []
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -205,8 +172,6 @@ class FashionMNISTClassifier(LightningModule):
         for name, metric in self.stage_metrics(stage).items():
             self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val", sync_dist=True)
             metric.reset()
-        if stage == "train" and self.graphed_step is not None:
-            self.graphed_step.invalidate()  # reset() gave the metrics new state tensors
 
     def configure_optimizers(self) -> Any:
         try:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from fmnist_lightning import module as module_file
+from fmnist_lightning import graphed as graphed_file
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.graphed import GraphedStep
+from fmnist_lightning.graphed import CudaGraphTraining, GraphedStep
 from fmnist_lightning.module import FashionMNISTClassifier
 
 # 320 training images in batches of 48: six full batches and a short one of 32 per epoch
@@ -74,8 +74,8 @@ def assert_same_training(graphed, eager, tolerance: float = 0.0) -> None:
 
 @pytest.fixture
 def graphs_on_cpu(monkeypatch):
-    monkeypatch.setattr(module_file, "can_capture", lambda device: True)
-    monkeypatch.setattr(module_file, "GraphedStep", EagerStandIn)
+    monkeypatch.setattr(graphed_file, "can_capture", lambda device: True)
+    monkeypatch.setattr(graphed_file, "GraphedStep", EagerStandIn)
     EagerStandIn.captures = 0
 
 
@@ -107,8 +107,17 @@ def test_graphed_steps_train_exactly_like_eager_steps(graphs_on_cpu, tiny_data_d
     # epoch 0: three warm-up steps, a capture, two replays, the short batch eagerly; epoch 1: a capture
     # (the metrics were reset), five replays, the short batch
     assert EagerStandIn.captures == 2
-    assert graphed[0].graphed_step is None  # the graph is released after fit
-    assert_same_training(graphed, fit_tiny(tiny_data_dir, "cpu", batch_norm=True, dropout=0.2))
+    assert_released(graphed[0])
+    eager = fit_tiny(tiny_data_dir, "cpu", cuda_graph=False, batch_norm=True, dropout=0.2)
+    assert EagerStandIn.captures == 2  # the reference is eager
+    assert_same_training(graphed, eager)
+
+
+def assert_released(model: FashionMNISTClassifier) -> None:
+    """After fit: the graph freed, the module's own hooks back."""
+    (callback,) = [callback for callback in model.trainer.callbacks if isinstance(callback, CudaGraphTraining)]
+    assert callback.step is None
+    assert not set(CudaGraphTraining.HOOKS) & vars(model).keys()
 
 
 @pytest.mark.parametrize(
@@ -121,16 +130,18 @@ def test_graphed_steps_train_exactly_like_eager_steps(graphs_on_cpu, tiny_data_d
 )
 def test_graphed_steps_refuse_settings_they_would_get_wrong(graphs_on_cpu, compile, trainer_settings, setting):
     model = FashionMNISTClassifier(cuda_graph=True, compile=compile)
-    model.trainer = SimpleNamespace(
+    trainer = SimpleNamespace(
         **{"world_size": 1, "accumulate_grad_batches": 1, "precision": "32-true", **trainer_settings}
     )
     with pytest.raises(UserError, match=f"model.cuda_graph does not work with {setting}; set --model.cuda_graph false"):
-        model.on_fit_start()
+        CudaGraphTraining().on_fit_start(trainer, model)
+    assert not set(CudaGraphTraining.HOOKS) & vars(model).keys()
 
 
 def test_cuda_graph_has_no_effect_on_a_cpu(tiny_data_dir):
     model, _ = fit_tiny(tiny_data_dir, "cpu", epochs=1, cuda_graph=True)
-    assert model.graphed_step is None and model.hparams.cuda_graph
+    (callback,) = [callback for callback in model.trainer.callbacks if isinstance(callback, CudaGraphTraining)]
+    assert callback.step is None and model.hparams.cuda_graph
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -145,7 +156,22 @@ def test_real_cuda_graphs_train_like_eager_steps_on_a_gpu(tiny_data_dir, precisi
 
     monkeypatch.setattr(GraphedStep, "_capture", counted_capture)
     graphed = fit_tiny(tiny_data_dir, "gpu", precision=precision, cuda_graph=True, batch_norm=True, dropout=dropout)
-    eager = fit_tiny(tiny_data_dir, "gpu", precision=precision, batch_norm=True, dropout=dropout)
+    eager = fit_tiny(tiny_data_dir, "gpu", precision=precision, cuda_graph=False, batch_norm=True, dropout=dropout)
     assert captures == [(BATCH, 1, 28, 28)] * 2
     # the same kernels in the same order; only cuBLAS/cuDNN's choice of algorithm may differ
     assert_same_training(graphed, eager, tolerance=1e-4 if precision == "32-true" else 1e-2)
+
+
+def test_while_graphed_lightnings_backward_and_zero_grad_leave_the_replayed_gradients(graphs_on_cpu):
+    model = FashionMNISTClassifier(cuda_graph=True)
+    trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, precision="32-true")
+    callback = CudaGraphTraining()
+    callback.on_fit_start(trainer, model)
+    assert set(CudaGraphTraining.HOOKS) <= vars(model).keys()
+    weight = model.network.dense.weight
+    weight.grad = torch.ones_like(weight)  # what a replay leaves in place for the optimizer step
+    model.optimizer_zero_grad(0, 0, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.backward(torch.tensor(1.0, requires_grad=True))
+    assert torch.equal(weight.grad, torch.ones_like(weight))
+    callback.on_fit_end(trainer, model)
+    assert not set(CudaGraphTraining.HOOKS) & vars(model).keys() and callback.step is None
