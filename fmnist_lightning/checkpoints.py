@@ -3,8 +3,8 @@ and never written for a run that has diverged (`DivergenceGuard`).
 
 A checkpoint is a pickle, and unpickling can run arbitrary code. Everything here loads with PyTorch's
 `weights_only=True`, which only rebuilds tensors and plain data (dicts, lists, numbers, strings) and
-refuses anything else; the project's checkpoints contain nothing else, so no allow-list of extra
-classes is needed.
+refuses anything else; the project's checkpoints contain nothing else, so torch needs no allow-list of
+extra classes. The class names a checkpoint's settings hold are checked separately (`check_named_classes`).
 """
 
 import math
@@ -62,10 +62,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{path} is not a Lightning checkpoint (no 'state_dict'); give a .ckpt file saved by fit")
     check_named_classes(checkpoint.get("hyper_parameters"), path)
-    broken = [name for name, tensor in checkpoint["state_dict"].items() if not _finite(tensor)]
-    if broken:
+    if broken := first_non_finite(checkpoint["state_dict"]):
         raise UserError(
-            f"{path} holds weights that are not finite (NaN or inf in {broken[0]}): the run that saved it "
+            f"{path} holds weights that are not finite (NaN or inf in {broken}): the run that saved it "
             "diverged; use an earlier checkpoint of that run"
         )
     return checkpoint
@@ -142,11 +141,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
         kept = what_is_kept(path)
-        broken = [name for name, tensor in checkpoint["state_dict"].items() if not _finite(tensor)]
-        if broken:
+        if broken := first_non_finite(checkpoint["state_dict"]):
             raise UserError(
                 f"training diverged at epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}: "
-                f"{broken[0]} is no longer finite (NaN/inf; is the learning rate too high?); stopped, {kept}"
+                f"{broken} is no longer finite (NaN/inf; is the learning rate too high?); stopped, {kept}"
             )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +166,11 @@ def what_is_kept(path: Path) -> str:
     if earlier:
         return f"the checkpoints saved before ({', '.join(earlier)}) are unchanged"
     return "no checkpoint was saved"
+
+
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, if any."""
+    return next((name for name, tensor in state_dict.items() if not _finite(tensor)), None)
 
 
 def _finite(tensor: torch.Tensor) -> bool:

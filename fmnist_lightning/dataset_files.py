@@ -16,12 +16,12 @@ from pathlib import Path
 
 from torchvision.datasets import FashionMNIST
 
+from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.errors import DataError
 from fmnist_lightning.outputs import atomic_write, ensure_output_path, new_folders_removed_on_error
 
 UBYTE_TYPE_CODE = 0x08
 IMAGE_SIDE = 28
-CLASS_COUNT = 10
 
 FIX_HINT = "delete it and run again to get a fresh copy"
 
@@ -67,8 +67,8 @@ def check_split_files(images_path: Path, labels_path: Path) -> int:
         )
     with open(labels_path, "rb") as file:  # 60 KB at most: cheap enough to read on every start
         largest = max(file.read()[4 + 4 :], default=0)
-    if largest >= CLASS_COUNT:
-        raise DataError(f"{labels_path} holds labels outside 0..{CLASS_COUNT - 1} (found {largest}); {FIX_HINT}")
+    if largest >= len(CLASS_NAMES):
+        raise DataError(f"{labels_path} holds labels outside 0..{len(CLASS_NAMES) - 1} (found {largest}); {FIX_HINT}")
     return count
 
 

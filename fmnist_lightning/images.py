@@ -79,7 +79,7 @@ def check_regular_file(path: str | os.PathLike) -> None:
     except OSError as error:
         raise ValueError(f"unreadable: {error.strerror}") from None
     if not stat.S_ISREG(status.st_mode):
-        raise ValueError("not a regular file (a folder, named pipe, device or socket)")
+        raise ValueError("not a regular file: a folder" if stat.S_ISDIR(status.st_mode) else NOT_REGULAR)
     if status.st_size > MAX_FILE_BYTES:
         raise ValueError(f"file of {status.st_size:,} bytes, over the {MAX_FILE_BYTES // 2**20} MiB limit")
 

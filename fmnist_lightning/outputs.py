@@ -84,11 +84,17 @@ def new_folders_removed_on_error(folder: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        while folder != existed and folder.is_relative_to(existed):
-            if folder.is_dir():
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty: the block wrote something worth keeping
-                    break
-            folder = folder.parent
+        remove_empty_folders(folder, existed)
         raise
+
+
+def remove_empty_folders(folder: Path, existed: Path) -> None:
+    """Remove `folder` and its parents up to (not including) `existed`, stopping at the first one not empty."""
+    folder = folder.absolute()
+    while folder != existed and folder.is_relative_to(existed):
+        if folder.is_dir():
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something worth keeping was written there
+                break
+        folder = folder.parent

@@ -188,13 +188,11 @@ class KeepLastCheckpoint(L.Callback):
             old, new = state.get("dirpath"), callback.dirpath
             if not old or old == new:
                 continue
-
-            def moved(path: Any, old: Any = old, new: str = new) -> Any:
-                return str(Path(new) / Path(path).name) if path and Path(path).parent == Path(old) else path
-
             for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-                state[key] = moved(state.get(key))
-            state["best_k_models"] = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
+                state[key] = _moved(state.get(key), old, new)
+            state["best_k_models"] = {
+                _moved(path, old, new): score for path, score in state.get("best_k_models", {}).items()
+            }
             state["dirpath"] = new
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -221,3 +219,8 @@ class KeepLastCheckpoint(L.Callback):
         if trainer.is_global_zero:
             how = f"fmnist fit --config {config} --ckpt_path {path}"
             print(f"{cause}: {what}; resume with `{how}`", flush=True)
+
+
+def _moved(path: str | None, old: str, new: str) -> str | None:
+    """A path saved in the `old` checkpoint folder, in the `new` one; any other path as it is."""
+    return str(Path(new) / Path(path).name) if path and Path(path).parent == Path(old) else path

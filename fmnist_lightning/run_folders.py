@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.outputs import ensure_output_path, nearest_existing
+from fmnist_lightning.outputs import ensure_output_path, nearest_existing, remove_empty_folders
 
 
 def run_folder(trainer: L.Trainer) -> Path:
@@ -81,13 +81,7 @@ def remove_unfinished_run_folder(folder: NewRunFolder | None) -> None:
     if any(folder.path.rglob("*.ckpt")) or (folder.path / "metrics.csv").is_file():
         return  # the run trained: what it left is worth keeping
     shutil.rmtree(folder.path, ignore_errors=True)
-    parent = folder.path.parent.absolute()
-    while parent != folder.existed and parent.is_relative_to(folder.existed):
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-        parent = parent.parent
+    remove_empty_folders(folder.path.parent, folder.existed)
 
 
 def _logger_settings(logger: Any) -> Any:
