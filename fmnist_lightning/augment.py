@@ -1,7 +1,6 @@
-"""Data augmentation on whole batches, on the device the batch is on: no per-image Python work.
+"""Data augmentation on whole batches, on the batch's own device: no per-image Python work.
 
-Each image in a batch gets its own random shift, flip and erased patch, drawn from the global torch
-generator of the batch's device (seeded by `seed_everything`, saved in checkpoints by `RandomState`).
+Randomness comes from the device's global generator, seeded by `seed_everything` and saved by `RandomState`.
 """
 
 import torch
@@ -13,8 +12,7 @@ class BatchAugment(nn.Module):
 
     Args:
         translate: Largest shift in pixels, in each direction (0: off).
-        flip: Mirror each image left-right with probability 1/2. (Fashion-MNIST garments are roughly
-            symmetric; text on a T-shirt is not, which the model learns to ignore.)
+        flip: Mirror each image left-right with probability 1/2.
         erase: Probability of blanking one rectangle of 2-20% of the image (0: off).
     """
 

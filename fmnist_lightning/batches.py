@@ -1,8 +1,6 @@
 """Whole batches cut from in-memory tensors, with the loader pieces Lightning needs to shard and resume them.
 
-A split is one uint8 tensor (N x 1 x 28 x 28) and one label tensor. The DataLoader asks the dataset for
-a whole batch of indices at once (`__getitems__`), so there is no per-sample Python or PIL work and no
-collation; the tensors may live on the GPU, in which case batches are cut there.
+The DataLoader asks for a whole batch of indices at once (`__getitems__`): no per-sample work, no collation.
 """
 
 from collections.abc import Iterator, Sequence
@@ -31,20 +29,19 @@ class TensorBatchDataset(Dataset[Batch]):
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(indices)
         if self.labels.is_cuda:
-            # From pinned memory the copy is queued behind the GPU's work; a plain copy would make the
-            # host wait for the GPU to finish the previous step before it can queue the next one.
+            # A pinned copy is queued behind the GPU's work; a plain one would make the host wait for it.
             index = index.pin_memory().to(self.labels.device, non_blocking=True)
         else:
             index = index.to(self.labels.device)
         return self.images[index], self.labels[index]
 
     def to(self, device: torch.device) -> "TensorBatchDataset":
-        """The same split with both tensors on `device` (one copy of the whole split, not one per batch)."""
+        """The same split on `device`: one copy of the whole split, not one per batch."""
         return TensorBatchDataset(self.images.to(device), self.labels.to(device))
 
 
 def already_collated(batch: Batch) -> Batch:
-    """`collate_fn` for a dataset that returns whole batches: nothing left to stack."""
+    """`collate_fn` for a dataset that returns whole batches."""
     return batch
 
 
@@ -56,8 +53,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every training epoch."""
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every training epoch
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -71,9 +67,7 @@ class EpochShuffleSampler(Sampler[int]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in Lightning checkpoints.
 
-    Lightning stores `state_dict()` of loaders that have one, and restores it before a resumed epoch;
-    the loader then skips the batches the interrupted run had already trained on, so a run resumed
-    from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would.
+    A run resumed mid-epoch skips the batches already trained on, so it sees what an uninterrupted run would.
     """
 
     _batches_done = 0
@@ -91,7 +85,7 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        # A finished epoch is saved as 0: a restart after it begins the next epoch from its first batch.
+        # A finished epoch is saved as 0, so a restart begins the next epoch at its first batch.
         return {"batches_done": self._batches_done % len(self)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:

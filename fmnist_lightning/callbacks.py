@@ -30,10 +30,8 @@ from fmnist_lightning.run_folders import run_folder
 
 
 class CurvePlots(L.Callback):
-    """Draw accuracy and loss per epoch from the run's CSV log (`accuracy.png`, `loss.png`).
-
-    Drawn at the end of `fit`, and again after a `test` in the same run, to add the test score.
-    """
+    """Draw accuracy and loss per epoch from the run's CSV log (`accuracy.png`, `loss.png`) after `fit`,
+    and again after a `test` in the same run to add the test score."""
 
     def __init__(self, formats: tuple[str, ...] = ("png",)) -> None:
         self.formats = formats
@@ -61,10 +59,7 @@ class CurvePlots(L.Callback):
 
 class TestReport(L.Callback):
     """After `test`: confusion matrix, per-class report, most confident mistakes and sample predictions.
-
-    Needs `test_step` to return `{"probabilities": ...}`. The matrix and report cover the whole test set
-    under DDP (torchmetrics synchronises them); the pictures show the first process's share.
-    """
+    Needs `test_step` to return `{"probabilities": ...}`; under DDP the pictures show only rank 0's share."""
 
     FILES: ClassVar[dict[str, str]] = {
         "confusion_png": "confusion_matrix.png",
@@ -100,8 +95,7 @@ class TestReport(L.Callback):
         self.examples.update(images, labels, probabilities)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Every process takes part in both collective calls (the metric's sync, the run folder's broadcast);
-        # a collective call made by one process alone would wait for the others forever.
+        # every process must join both collective calls (metric sync, run-folder broadcast) or the others hang
         report = self.report_metric.compute()
         folder = run_folder(trainer)
         if not trainer.is_global_zero:
@@ -153,11 +147,8 @@ def _caption(examples: PredictionExamples, index: int) -> str:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Streams `predict` results to a CSV (or JSON lines) file batch by batch, never holding them all.
-
-    One row per input: its path (or `test/INDEX` for the test set), the predicted class index and name
-    with its probability, the `top_k` classes with probabilities, the true class where known, and the
-    error for a file that could not be read. The file appears under its name only when complete.
+    """Streams `predict` results to CSV or JSON lines batch by batch, never holding them all in memory;
+    the file appears under its name only when complete.
 
     Args:
         output: File to write; default `predictions.csv` (or `.jsonl`) in the run folder.

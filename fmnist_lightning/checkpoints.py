@@ -1,11 +1,5 @@
-"""Checkpoint files: written atomically, read without running pickled code, checked to be this project's,
-and never written for a run that has diverged (`DivergenceGuard`).
-
-A checkpoint is a pickle, and unpickling can run arbitrary code. Everything here loads with PyTorch's
-`weights_only=True`, which only rebuilds tensors and plain data (dicts, lists, numbers, strings) and
-refuses anything else; the project's checkpoints contain nothing else, so torch needs no allow-list of
-extra classes. The class names a checkpoint's settings hold are checked separately (`check_named_classes`).
-"""
+"""Checkpoint files: written atomically, read with `weights_only` (unpickling could run code), checked to be
+this project's and finite, and never written for a run that has diverged (`DivergenceGuard`)."""
 
 import math
 import os
@@ -23,17 +17,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.errors import UserError
+from fmnist_lightning.errors import UserError, shortened
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.outputs import atomic_write
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a Lightning checkpoint safely and check it; every failure is a UserError naming the file.
-
-    Besides `weights_only` loading: the classes its settings name must be ones this project writes
-    (`check_named_classes`, before anything imports them), and its weights must be finite.
-    """
+    """Read a Lightning checkpoint safely and check it; every failure is a UserError naming the file."""
     path = Path(path)
     if path.is_dir():
         inside = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), None)
@@ -70,8 +60,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return checkpoint
 
 
-# The only code a checkpoint's settings may name: Lightning's instantiator, the model's class, and the
-# optimizer and learning-rate schedule classes of torch.optim: all that this project writes there.
+# All the code this project's checkpoints name: Lightning's instantiator, the model, torch.optim classes.
 ALLOWED_NAME = re.compile(
     r"lightning\.pytorch\.cli\.instantiate_module|fmnist_lightning\.module\.FashionMNISTClassifier"
     r"|torch\.optim(\.[a-z_]+)*\.[A-Z]\w*"
@@ -80,12 +69,8 @@ DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def check_named_classes(settings: Any, path: str | os.PathLike) -> None:
-    """Refuse model settings that name a class or function outside the allowed ones, before any import.
-
-    LightningCLI rebuilds the model from a checkpoint's `hyper_parameters`, importing every
-    `class_path` (and dotted name given as a shorthand for one) it finds there; `weights_only` does not
-    stop that.
-    """
+    """Refuse settings naming code outside `ALLOWED_NAME`: LightningCLI would import every dotted name in a
+    checkpoint's `hyper_parameters`, which `weights_only` does not stop."""
     for name in _dotted_names(settings):
         if not ALLOWED_NAME.fullmatch(name):
             raise UserError(
@@ -108,33 +93,21 @@ def _dotted_names(value: Any) -> Any:
             yield from _dotted_names(item)
 
 
-def ensure_checkpoint_fits(checkpoint: dict[str, Any], model: nn.Module, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose weights belong to another model (names or shapes differ)."""
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    found = {name: tuple(tensor.shape) for name, tensor in checkpoint["state_dict"].items()}
-    if expected == found:
-        return
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    reshaped = sorted(name for name in expected.keys() & found.keys() if expected[name] != found[name])
-    details = "; ".join(
-        f"{label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
-        if names
-    )
-    raise UserError(
-        f"{path} belongs to another model ({details}); use a checkpoint of this model, or the config it was "
-        "trained with"
-    )
+def load_weights(model: nn.Module, checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """Load the checkpoint's weights strictly; weights of another model (names or shapes) are a UserError."""
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # torch names the missing, unexpected and reshaped weights, a line each
+        details = "; ".join(line.strip().rstrip(".") for line in str(error).splitlines()[1:])
+        raise UserError(
+            f"{path} belongs to another model ({shortened(details)}); use a checkpoint of this model, or the "
+            "config it was trained with"
+        ) from None
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, writing through a temporary file and loading with `weights_only`.
-
-    A process killed while saving, or a full disk, leaves the previous checkpoint intact, never a
-    truncated one under the final name; weights that are no longer finite (a diverged run) are never
-    saved over a good checkpoint; loading never runs pickled code, whatever `weights_only` Lightning
-    passes.
-    """
+    """Lightning's checkpoint I/O through a temporary file (a kill or a full disk leaves the previous file
+    intact), refusing non-finite weights, and loading with `weights_only` whatever Lightning passes."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -185,26 +158,20 @@ def _first_line(error: BaseException) -> str:
 def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifier, Path]:
     """Rebuild the model a checkpoint was trained with (its saved settings) and load its weights, in eval mode."""
     checkpoint = load_checkpoint(path)
-    settings = dict(checkpoint.get("hyper_parameters") or {})
-    settings.pop("_instantiator", None)
-    settings.pop("_class_path", None)
+    settings = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key[0] != "_"}
     try:
         model = instantiate_module(FashionMNISTClassifier, settings)
     except Exception as error:  # jsonargparse reports unknown or ill-typed settings in many ways
         raise UserError(f"{path} was not saved by this project's model ({_first_line(error)})") from error
-    ensure_checkpoint_fits(checkpoint, model, path)
-    model.load_state_dict(checkpoint["state_dict"])
+    load_weights(model, checkpoint, path)
     return model.eval(), Path(path)
 
 
 class DivergenceGuard(L.Callback):
-    """Stops a fit whose loss has blown up, before that state is saved as a checkpoint (best or last).
+    """Stops a fit whose loss has blown up, after validation and before any checkpoint callback saves it.
 
-    Checked once per epoch, after validation and before any checkpoint callback: the epoch's mean
-    training loss (summed on the device, step by step, without a host sync) and the validation loss
-    must be finite and below `EXPLODED` times the loss of a uniform guess over the classes, which no
-    run that is learning comes near. Mid-epoch, `SafeCheckpointIO` refuses non-finite weights and metric
-    sums. The command then ends with one line, and the checkpoints of earlier epochs stay as they were.
+    The epoch's mean training loss (summed on the device) and the validation loss must be finite and
+    below `EXPLODED` times a uniform guess's, which no learning run comes near.
     """
 
     EXPLODED = 100

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist_lightning.callbacks import PredictionWriter
-from fmnist_lightning.checkpoints import DivergenceGuard, ensure_checkpoint_fits, load_checkpoint
+from fmnist_lightning.checkpoints import DivergenceGuard, load_checkpoint, load_weights
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.errors import UserError, one_line_message
@@ -70,10 +70,8 @@ class FashionMNISTCLI(LightningCLI):
         parser.set_defaults({"trainer.plugins": [{"class_path": "fmnist_lightning.checkpoints.SafeCheckpointIO"}]})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Also choose the precision where the config leaves it unset (`fastest_precision`), resolve
-        `--ckpt_path last|best` to the newest run's file, and check the checkpoint and the settings before
-        LightningCLI reads the model's settings from it (which imports the classes they name). Resuming
-        `fit` from a run's checkpoint continues that run's folder (same metrics.csv, same checkpoints/)."""
+        """Also fill in an unset precision, resolve `--ckpt_path last|best`, and check the checkpoint and settings
+        before LightningCLI reads the model's settings from it (which imports the classes they name)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -119,7 +117,7 @@ class FashionMNISTCLI(LightningCLI):
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
             checkpoint = load_checkpoint(ckpt_path)
-            ensure_checkpoint_fits(checkpoint, self.model, ckpt_path)
+            load_weights(self.model, checkpoint, ckpt_path)
             if self.model.test_time_augmentation and not trained_with_flips(checkpoint):
                 print(
                     f"fmnist: warning: {ckpt_path} was trained without data.flip, so its mirror images are new "
@@ -187,8 +185,7 @@ def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
         lines.append(f"checkpoint:       {trainer.ckpt_path}")
     timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
     if timer is not None and timer.start_time() is not None:  # this command trained
-        # This command's own time: Timer.time_elapsed() adds the time saved in the checkpoint last loaded,
-        # which --test_after_fit's best checkpoint is.
+        # Not Timer.time_elapsed(): it adds the time saved in the last checkpoint loaded (--test_after_fit's).
         seconds = (timer.end_time() or time.monotonic()) - timer.start_time()
         lines.append(f"training time:    {seconds:.1f} s, validation included")
     for stage, label in (("val", "validation"), ("test", "test")):
@@ -206,8 +203,7 @@ def quiet_lightning_noise() -> None:
         lambda record: not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
     )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    # Image files stream from an iterable dataset without batch indices; the prediction writer takes the
-    # paths from the batch instead.
+    # Image files stream without batch indices; the prediction writer takes paths from the batch.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
 
@@ -261,8 +257,7 @@ def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
-            # Always there, whatever the config: no diverged state saved, exact resumes (the random state, a
-            # current last.ckpt, also on SIGTERM and Ctrl-C), the training time in the summary.
+            # Always there, whatever the config: no diverged state saved, exact resumes, the training time.
             trainer_defaults={"callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer()]},
         )
     except SystemExit:  # Lightning's orderly stop after SIGTERM, or its exit after a second Ctrl-C
@@ -272,8 +267,7 @@ def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; an error from a setting, a file or a path is one line on stderr and exit status 2
-    (FMNIST_DEBUG=1: the traceback); anything else is a bug and shows its traceback."""
+    """Run the CLI; a user's error is one line on stderr and exit status 2 (FMNIST_DEBUG=1: the traceback)."""
     quiet_lightning_noise()
     argv = sys.argv[1:] if args is None else args
     try:
@@ -291,10 +285,6 @@ def main(args: list[str] | None = None) -> None:
 
 
 def end_distributed_run() -> None:
-    """Shut a DDP run's process group down in every process before the interpreter exits.
-
-    Left to the exit-time destructors, gloo's threads can abort a process that has finished its work
-    ("terminate called without an active exception", exit status -6), failing a run that succeeded.
-    """
+    """Shut DDP's process group down before exit: left to exit-time destructors, gloo can abort a finished run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

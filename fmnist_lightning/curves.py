@@ -16,12 +16,8 @@ FORMATS = ("png", "svg")
 def draw_curves(
     runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, formats: Sequence[str] = ("png",)
 ) -> list[Path]:
-    """Draw accuracy and loss per epoch; return the files written.
-
-    Every log is read and checked before anything is written, so bad input leaves no partial output.
-    One run is drawn into its own folder; several runs (given one by one, or as a folder holding them)
-    are compared in one figure per quantity, written into `out` or the folder that holds them all.
-    """
+    """Draw accuracy and loss per epoch (several runs compared in one figure); return the files written.
+    Every log is read and checked first, so bad input leaves no partial output."""
     if not runs:
         raise UserError("give at least one run folder, metrics.csv, or folder of runs")
     if unknown := sorted(set(formats) - set(FORMATS)):

@@ -1,8 +1,6 @@
-"""The Fashion-MNIST DataModule: the official files, a seeded validation split, uint8 batches.
+"""The Fashion-MNIST DataModule: the official files, a seeded validation split and uint8 batches.
 
-Batches leave the loader as uint8 (N x 1 x 28 x 28) with int64 labels; the model scales them to [0, 1]
-on whatever device they land on, which keeps host memory and host-to-device traffic four times smaller
-than float batches.
+Batches stay uint8 until the model scales them on its device, which keeps host memory and transfers small.
 """
 
 from pathlib import Path
@@ -34,20 +32,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
     Args:
         data_dir: Folder holding (or receiving) the files in torchvision's layout.
         batch_size: Images per training batch (per process under DDP).
-        eval_batch_size: Images per validation/test/predict batch; None means `batch_size`. Larger is
-            faster and changes no number: evaluation metrics are exact sums over the whole split.
-        val_size: Held-out part of the 60,000 training images: a fraction in (0, 1) (float) or a number of
-            images (int).
-            The original Keras script holds out 20% (12,000).
-        split_seed: Seed of the train/validation split; the split does not depend on the run's seed.
+        eval_batch_size: Images per validation/test/predict batch (metrics are exact sums); None: `batch_size`.
+        val_size: Held-out part of the 60,000 training images: a fraction in (0, 1) or an image count.
+        split_seed: Seed of the train/validation split, independent of the run's seed.
         shuffle_seed: Seed of the training order; epoch `e` is shuffled with `shuffle_seed + e`.
         system_dir: Where the operating system's copy lives (Debian/Ubuntu's `dataset-fashion-mnist`).
         download: Whether torchvision may download the files when no local copy is found.
-        data_on_device: Move each split to the accelerator once (GPU runs), so batches are cut there.
-        predict_paths: Image files, folders (searched recursively) or globs for `predict`; None predicts
-            the official test set.
-        invert: For `predict_paths`: "auto" turns pictures with a light border into light-on-dark like
-            Fashion-MNIST, "always"/"never" force it.
+        data_on_device: Move each split to the accelerator once, so batches are cut there.
+        predict_paths: Image files, folders (recursive) or globs for `predict`; None: the official test set.
+        invert: For `predict_paths`: "auto" makes light-bordered pictures light-on-dark; "always"/"never" force it.
         num_workers: DataLoader processes decoding image files for `predict_paths`.
         translate: Training augmentation: random shift of up to this many pixels (0: off).
         flip: Training augmentation: random horizontal flip.
@@ -158,7 +151,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment training batches where they landed (GPU or CPU), all images of a batch at once."""
+        """Augment training batches on the device they landed on, a whole batch at once."""
         training = self.trainer is not None and self.trainer.training
         if self.augment.active and training and isinstance(batch, tuple | list):  # not the summary's example
             images, labels = batch
@@ -190,6 +183,6 @@ def held_out_count(total: int, val_size: int | float) -> int:
 
 
 def load_split(data_dir: str | Path, train: bool) -> TensorBatchDataset:
-    """Read an official split with torchvision (files checked by `ensure_dataset`); images N x 1 x 28 x 28 uint8."""
+    """An official split read by torchvision (files checked by `ensure_dataset`); images N x 1 x 28 x 28 uint8."""
     dataset = FashionMNIST(str(data_dir), train=train, download=False)
     return TensorBatchDataset(dataset.data.unsqueeze(1).contiguous(), dataset.targets)

@@ -1,9 +1,6 @@
-"""The Fashion-MNIST files: found in the data folder, the system copy or the official mirrors, and checked.
+"""The Fashion-MNIST files, from the data folder, the system copy or a download, in torchvision's layout.
 
-Everything lands in torchvision's layout (`DATA_DIR/FashionMNIST/raw/*-ubyte`), so that
-`torchvision.datasets.FashionMNIST(DATA_DIR)` reads it. Every file is written under a temporary name
-and renamed into place when complete: a process killed half-way never leaves a file that later passes
-for data.
+Each file is written under a temporary name and renamed when complete, so a killed run never leaves a bad one.
 """
 
 import gzip
@@ -27,7 +24,7 @@ FIX_HINT = "delete it and run again to get a fresh copy"
 
 
 def idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
-    """Return the dimensions of the unsigned-byte IDX file at `path`, checking its magic number and size."""
+    """The dimensions of the unsigned-byte IDX file at `path`, after checking its magic number and size."""
     try:
         with open(path, "rb") as file:
             magic = file.read(4)
@@ -53,7 +50,7 @@ def idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
 
 
 def check_split_files(images_path: Path, labels_path: Path) -> int:
-    """Check an images/labels pair (headers, sizes, label range) and return the number of examples it holds."""
+    """Check an images/labels pair (headers, sizes, label range); return how many examples it holds."""
     count, height, width = idx_dims(images_path, ndim=3)
     if (height, width) != (IMAGE_SIDE, IMAGE_SIDE):
         raise DataError(
@@ -65,7 +62,7 @@ def check_split_files(images_path: Path, labels_path: Path) -> int:
             f"{images_path} holds {count:,} images but {labels_path} holds {label_count:,} labels; "
             f"the two files come from different downloads: {FIX_HINT}"
         )
-    with open(labels_path, "rb") as file:  # 60 KB at most: cheap enough to read on every start
+    with open(labels_path, "rb") as file:  # 60 KB at most: cheap to read on every start
         largest = max(file.read()[4 + 4 :], default=0)
     if largest >= len(CLASS_NAMES):
         raise DataError(f"{labels_path} holds labels outside 0..{len(CLASS_NAMES) - 1} (found {largest}); {FIX_HINT}")
@@ -143,7 +140,7 @@ def _fill_from_system_copy(raw: Path, system_dir: Path) -> str:
 
 
 def _fill_from_download(raw: Path, system_dir: Path) -> str:
-    """Let torchvision download into a scratch folder, then move the complete files into place."""
+    """Download into a scratch folder so that only complete files are moved into place."""
     raw.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".download-") as scratch:
         try:

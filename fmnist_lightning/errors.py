@@ -16,21 +16,16 @@ class DataError(UserError):
 
 
 def one_line_message(error: BaseException) -> str | None:
-    """The one line to print for an error a user caused and can fix; None for anything else (a bug).
-
-    Besides this project's own UserError: the parser's errors (unknown option, wrong type, bad YAML),
-    Lightning's refusals of trainer settings, the operating system's refusals of a path, and a file that
-    is not text where text is expected.
-    """
+    """The one line to print for an error a user caused and can fix (a setting, a path, a file); None for a bug."""
     if isinstance(error, UserError):
         message = str(error)
     elif isinstance(error, ArgumentError):
         message = str(error)
         if message.startswith("Unexpected config:"):
             message = "the --config file is not a YAML mapping of options"
-        message = f"{_shortened(message)} (see `fmnist SUBCOMMAND --help` for the options)"
+        message = f"{shortened(message)} (see `fmnist SUBCOMMAND --help` for the options)"
     elif isinstance(error, MisconfigurationException):
-        message = f"{_shortened(str(error))} (a trainer setting; see `fmnist fit --help`)"
+        message = f"{shortened(str(error))} (a trainer setting; see `fmnist fit --help`)"
     elif isinstance(error, OSError) and error.filename is not None:
         message = f"{error.filename}: {error.strerror or error}"
     elif isinstance(error, UnicodeDecodeError):
@@ -44,5 +39,5 @@ def one_line_message(error: BaseException) -> str | None:
     return " ".join(message.split())
 
 
-def _shortened(message: str) -> str:
+def shortened(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "..."

@@ -1,15 +1,5 @@
-"""`fmnist export`: the trained model as ONNX or TorchScript, proven to agree with PyTorch on the test set.
-
-The exported graph takes a batch of 28x28 grayscale images, N x 1 x 28 x 28 with a dynamic N, as
-uint8 pixels 0-255 (default) or float32 in [0, 1] (`--input_dtype float32`), and returns the 10 class
-probabilities (softmax). Scaling and the optional normalisation are inside the graph, so a caller only
-brings pictures to 28x28 light-on-dark grayscale (see `fmnist_lightning.images`).
-
-The model is written under a temporary name, run on all 10,000 test images by onnxruntime (or
-TorchScript) and by PyTorch, and renamed into place only if the two agree; a JSON file beside it
-records the class names, the input contract, the preprocessing, the checkpoint's SHA-256 and the
-measured agreement and accuracy.
-"""
+"""`fmnist export`: the trained model as ONNX or TorchScript, with its preprocessing inside, written only
+once it agrees with PyTorch on the whole test set; a JSON file beside it describes how to call it."""
 
 import copy
 import hashlib
@@ -123,7 +113,7 @@ def _write_onnx(module: nn.Module, example: np.ndarray, path: Path) -> Runner:
         output_names=["probabilities"],
         dynamic_shapes=({0: batch},),
         dynamo=True,
-        external_data=False,  # 93K parameters: keep the weights inside the one .onnx file
+        external_data=False,  # the model is small: keep the weights inside the one .onnx file
         verbose=False,
     )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -136,12 +126,7 @@ def _write_torchscript(module: nn.Module, example: np.ndarray, path: Path) -> Ru
         traced = torch.jit.trace(module, torch.from_numpy(example))
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path), map_location="cpu")
-
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return loaded(torch.from_numpy(images)).numpy()
-
-    return run
+    return _pytorch_runner(loaded)
 
 
 def _pytorch_runner(module: nn.Module) -> Runner:

@@ -1,11 +1,6 @@
-"""A training step replayed as one CUDA graph, so that a GPU step costs one launch instead of a hundred.
+"""A training step replayed as one CUDA graph, so a small GPU step costs one launch instead of a hundred.
 
-At batch 64 each of this network's kernels is a few microseconds of GPU work, so an eager GPU step is
-bounded by the host: launching about a hundred kernels, and the Python around them (the metric updates
-alone are two dozen small kernels). A CUDA graph records the step's kernels once and replays them all
-with one call. The graph holds the forward pass, the loss, the metric updates and the backward pass;
-the optimizer step stays with Lightning (one kernel per parameter group with `fused: true`), so its
-step counting, gradient clipping and learning-rate schedules work as without the graph.
+The graph holds forward, loss, metric updates and backward; the optimizer step stays with Lightning.
 """
 
 from collections.abc import Callable, Iterable
@@ -31,19 +26,7 @@ def can_capture(device: torch.device) -> bool:
 class GraphedStep:
     """Runs `step(images, labels)` eagerly for `warmup_steps` calls, then captures it and replays it.
 
-    A captured graph reads its inputs from, and writes the loss and the gradients to, the same tensors
-    at every replay; each batch is copied into its input tensors first. Hence:
-
-    - a batch of another shape (the short last batch of an epoch) runs eagerly, which gives the
-      parameters new gradient tensors, so the next batch captures the graph again;
-    - whoever replaces a tensor the graph writes to (torchmetrics' `reset()` makes new state tensors)
-      must call `invalidate()`; the next batch captures again (a capture takes milliseconds);
-    - the `metrics` the step updates keep their state tensors: torchmetrics' accuracy updates by
-      rebinding (`tp = tp + batch_tp`), which in a graph would write every replay's sum to the same new
-      tensor, from the same old one; the captured step copies each such sum back into the old tensor.
-
-    The warm-up steps are real training steps, run on a side stream as CUDA graphs require: the CUDA
-    libraries initialise lazily on first use, which must happen before a capture.
+    A graph reuses its tensors: other batch shapes run eagerly, and replacing one needs `invalidate()`.
     """
 
     def __init__(
@@ -78,6 +61,7 @@ class GraphedStep:
         self._drop_gradients()
         if not images.is_cuda:
             return self.step(images, labels)
+        # On a side stream, as capture requires: CUDA libraries initialise lazily, and must before a capture.
         side = torch.cuda.Stream(images.device)
         side.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(side):
@@ -87,15 +71,14 @@ class GraphedStep:
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images.clone(), labels.clone()
-        # Without gradient tensors, the captured backward pass writes fresh ones (in the graph's memory)
-        # instead of adding to old ones, and every replay overwrites them: no zero_grad needed.
+        # With no .grad, the captured backward writes fresh ones that every replay overwrites: no zero_grad.
         self._drop_gradients()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), _autocast_without_cache(images.device.type):
             self.loss = self._step_keeping_metric_states()
 
     def _step_keeping_metric_states(self) -> torch.Tensor:
-        """The step on the graph's input tensors, leaving every metric state in the tensor it was in."""
+        """The step, with metric states copied back: torchmetrics rebinds them (`tp = tp + x`), a graph must not."""
         states = [(metric, name, getattr(metric, name)) for metric in self.metrics for name in metric.metric_state]
         loss = self.step(self.images, self.labels)
         for metric, name, tensor in states:
@@ -117,12 +100,7 @@ class GraphedStep:
 
 
 def _autocast_without_cache(device_type: str) -> AbstractContextManager:
-    """Mixed precision as the caller has it, but with every cast recorded in the graph.
-
-    Autocast caches the low-precision copies of the weights for as long as its context lasts; a graph
-    captured with a cached copy would replay stale weights. (PyTorch's CUDA graph notes ask for
-    `cache_enabled=False` during capture.)
-    """
+    """Mixed precision as the caller has it, without autocast's weight cache: a graph would replay stale weights."""
     if not torch.is_autocast_enabled(device_type):
         return nullcontext()
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
@@ -131,10 +109,7 @@ def _autocast_without_cache(device_type: str) -> AbstractContextManager:
 class CudaGraphTraining(L.Callback):
     """Replays the training steps of a fit on one GPU as CUDA graphs (`model.cuda_graph`); elsewhere nothing.
 
-    At fit start the module's `training_step`, `backward` and `optimizer_zero_grad` are shadowed on the
-    module object (Lightning calls its hooks through the object), and restored when the fit ends: the
-    graphed step runs the module's own training step and its backward pass, so Lightning's backward must
-    not run again, and its `zero_grad` must not take away the gradients each replay writes in place.
+    During the fit the graph does backward itself, so the module's step, backward and zero_grad are shadowed.
     """
 
     HOOKS = ("training_step", "backward", "optimizer_zero_grad")

@@ -1,11 +1,6 @@
-"""Turning any image file Pillow reads into what the model was trained on: 28x28, grayscale, light on dark.
+"""Any image file Pillow reads, brought to what the model was trained on: 28x28 grayscale, light on dark.
 
-Fashion-MNIST pictures are light garments on a black background, the longest side of the garment
-filling the frame. A photo is brought there in four steps: to 8-bit grayscale (16-bit, RGB, RGBA and
-palette images included; transparency counts as background), inverted when its border is light (a
-dark shirt on a white table becomes a light shirt on black), shrunk so its longest side is 28 pixels
-keeping the aspect ratio, and padded with black to 28x28. A 28x28 grayscale picture with a dark
-border is left exactly as it is.
+Steps: to grayscale, inverted if its border is light, longest side shrunk to 28, padded with black to square.
 """
 
 import os
@@ -26,8 +21,7 @@ FileBatch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # images, l
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".ico"}
 )
-# Limits checked before any pixel is decoded: a small file can declare billions of pixels
-# ("decompression bomb"), and a garment needs far fewer than either limit.
+# Checked before decoding: a small file can declare billions of pixels ("decompression bomb").
 MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 256 * 2**20
 NOT_REGULAR = "not a regular file (pipe, device or broken link)"
@@ -42,11 +36,7 @@ class Invert(str, Enum):
 
 
 def load_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> np.ndarray:
-    """A 28x28 uint8 array ready for the model; raises ValueError with a short reason for a bad file.
-
-    Only regular files are opened (a named pipe would block forever), and the file size and the pixel
-    count its header declares are checked before anything is decoded.
-    """
+    """A 28x28 uint8 array ready for the model; raises ValueError with a short reason for a bad file."""
     check_regular_file(path)
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning; the limit below refuses such files
@@ -73,7 +63,7 @@ def load_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> np.ndar
 
 
 def check_regular_file(path: str | os.PathLike) -> None:
-    """Raise ValueError unless `path` is a regular file of at most MAX_FILE_BYTES (links followed)."""
+    """Refuse all but regular files (a named pipe would block open() forever) of at most MAX_FILE_BYTES."""
     try:
         status = os.stat(path)
     except OSError as error:
@@ -122,13 +112,9 @@ def fit_to_square(pixels: np.ndarray) -> np.ndarray:
 
 
 def iter_image_paths(sources: list[str]) -> Iterator[tuple[str, str | None]]:
-    """Yield (path, problem) for each file named by `sources`: files, folders (recursive) or globs.
+    """(path, problem) for each file named by `sources` (files, folders, globs), streamed, never listed at once.
 
-    Lazily (directory order), so a folder of a million files is never listed in memory at once.
-    Folders yield only files with an image suffix; a file named explicitly is tried whatever its
-    suffix; a source that matches nothing yields one entry with the problem. Each real file is
-    yielded once, however many sources, links or hard links reach it, and links that loop back to a
-    folder already searched are not followed again.
+    Each real file comes once, however many links reach it; a source matching nothing yields its problem.
     """
     seen_files: set[tuple[int, int]] = set()
     seen_folders: set[tuple[int, int]] = set()
@@ -190,11 +176,7 @@ def _files_under(
 
 
 def _walk_images(folder: Path, seen_folders: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
-    """Image files under `folder`, streamed from os.scandir (directory order), subfolders after files.
-
-    Links are followed, but a folder already searched (a link loop, or two links to one folder) is not
-    searched again.
-    """
+    """Image files under `folder` in directory order, subfolders last; links followed, no folder searched twice."""
     try:
         key = _identity(folder.stat())
     except OSError as error:
@@ -223,10 +205,9 @@ def _walk_images(folder: Path, seen_folders: set[tuple[int, int]]) -> Iterator[t
 
 
 class ImageFileDataset(IterableDataset):
-    """Streams prediction records from files, folders and globs: one record per file, good or bad.
+    """Prediction records (image, path, error) from files, folders and globs; each worker takes every n-th file.
 
-    A record is (image, path, error): a file that cannot be read gets a black image and the reason, so
-    one bad file never stops a run. With several DataLoader workers, each takes every n-th file.
+    An unreadable file gets a black image and its reason, so one bad file never stops a run.
     """
 
     def __init__(self, sources: list[str], invert: Invert = Invert.AUTO) -> None:
@@ -248,11 +229,7 @@ class ImageFileDataset(IterableDataset):
 
 
 def collate_image_records(records: list[tuple[np.ndarray, str, str]]) -> FileBatch:
-    """Stack records into a batch: uint8 images N x 1 x 28 x 28, labels -1 (unknown), then paths and errors.
-
-    Images and labels come first, as in the test set's batches, so the model handles both alike; the
-    prediction writer takes the paths and errors from the batch.
-    """
+    """A batch that starts like the test set's (uint8 images, labels -1), then the writer's paths and errors."""
     images, paths, errors = zip(*records, strict=True)
     labels = torch.full((len(records),), -1, dtype=torch.int64)
     return torch.from_numpy(np.stack(images)).unsqueeze(1), labels, list(paths), list(errors)

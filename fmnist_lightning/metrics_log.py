@@ -1,10 +1,5 @@
-"""Reading the `metrics.csv` that Lightning's CSVLogger writes, as per-epoch series.
-
-The file is awkward by design: train and validation metrics are logged on different rows (the other
-cells empty), metrics logged both per step and per epoch appear as `name_step` and `name_epoch`
-columns, a run resumed from a checkpoint may log an epoch twice, and test scores arrive on a row of
-their own. `read_run` turns all of that into one value per metric per epoch.
-"""
+"""Reading Lightning CSVLogger's `metrics.csv` as one value per metric per epoch: train, val and test
+land on separate rows, `_step`/`_epoch` columns split a metric, and a resumed run may log an epoch twice."""
 
 import csv
 import os

@@ -23,40 +23,26 @@ STAGES = ("train", "val", "test")
 
 
 class FashionMNISTClassifier(LightningModule):
-    """The Keras original's CNN trained with cross-entropy on logits (= softmax + categorical cross-entropy).
+    """The Keras original's CNN with cross-entropy on logits (= softmax + categorical cross-entropy).
 
-    Metrics are updated every step and logged once per epoch as `{stage}_acc` and `{stage}_loss`, so a
-    step costs no host synchronisation and no logging work. Everything beyond the original is an option,
-    off by default; the settings that only change speed (`pool_before_relu`, `channels_last`,
-    `cuda_graph`) are on by default, since they change no number.
+    Metrics update every step and are logged once per epoch (`{stage}_acc`, `{stage}_loss`), so a step
+    never waits for the host. Options beyond the original are off; speed-only settings are on.
 
     Args:
-        optimizer: Built from the model's parameters; Adam with lr 1e-3 like the original (AdamW with
-            `weight_decay` for decoupled L2).
+        optimizer: Built from the model's parameters; Adam with lr 1e-3 like the original.
         architecture: "original" (the Keras CNN) or "mobilenet_v2" (torchvision's, for transfer learning).
         normalize: Standardise pixels with the training set's mean and std after scaling to [0, 1].
         batch_norm: BatchNorm after each convolution of the original network (+320 parameters).
-        dropout: Dropout rate after the first pooling, the second pooling, the third convolution and
-            the dense layer: one number for all four, or four numbers.
-        label_smoothing: Cross-entropy label smoothing during training (validation and test losses are
-            always plain cross-entropy, so they stay comparable between recipes).
-        lr_schedule: "constant", "onecycle" (OneCycleLR up to the optimizer's lr) or "cosine" (cosine
-            decay from the optimizer's lr after `warmup_epochs` of linear warm-up); stepped every batch.
+        dropout: Dropout after pool 1, pool 2, conv 3 and the dense layer: one rate for all, or four.
+        label_smoothing: Label smoothing of the training loss (validation and test losses stay plain).
+        lr_schedule: "constant", "onecycle" (up to the optimizer's lr) or "cosine" (after warm-up); per batch.
         warmup_epochs: Linear warm-up length for "cosine".
         pretrained: For "mobilenet_v2": start from torchvision's ImageNet weights (needs them downloaded).
-        pool_before_relu: Max-pool before the ReLU in the first two blocks: the same function and
-            gradients, less work (see `original_cnn`).
-        channels_last: Run the convolutions in NHWC memory format, which oneDNN (CPU) and cuDNN (GPU)
-            handle faster than NCHW; the numbers are the same.
-        compile: `torch.compile` the network: true for torch's default mode, or a mode name;
-            "reduce-overhead" replays the forward and backward passes as CUDA graphs, which saves the kernel
-            launches that bound this small network on a GPU (on a small CPU a compiled step is slower).
-        cuda_graph: On a single GPU, replay each training step (forward pass, loss, metric updates,
-            backward pass) as one CUDA graph (`fmnist_lightning.graphed.CudaGraphTraining`): the same
-            numbers, several times faster per epoch (docs/performance.md). No effect on a CPU or with several
-            devices.
-        tta: Test-time augmentation for `test` and `predict`: average each image's probabilities with its
-            mirror image's. Not saved in checkpoints, so `--model.tta true` applies to any checkpoint.
+        pool_before_relu: Max-pool before the ReLU in the first two blocks: same numbers, less work.
+        channels_last: NHWC memory format for the convolutions: same numbers, faster kernels.
+        compile: `torch.compile` the network: true for the default mode, or a mode name.
+        cuda_graph: On a single GPU, replay each training step as one CUDA graph: same numbers, faster.
+        tta: Test-time augmentation for test and predict (mean with the mirror image); not saved in checkpoints.
     """
 
     def __init__(
@@ -77,7 +63,7 @@ class FashionMNISTClassifier(LightningModule):
         tta: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tta"])  # how to evaluate, not what was trained: the command decides
+        self.save_hyperparameters(ignore=["tta"])  # how to evaluate, not what was trained
         self.optimizer_factory = optimizer
         self.label_smoothing = label_smoothing
         self.lr_schedule = lr_schedule
@@ -97,15 +83,14 @@ class FashionMNISTClassifier(LightningModule):
         if compile:
             # in place: parameter names, hence checkpoints, stay the same
             self.network.compile(mode=None if compile is True else compile)
-        # One metric object per stage (train_acc, val_loss, ...); torchmetrics syncs them under DDP. Their
-        # running sums are saved in checkpoints, so an epoch resumed half-way reports the same numbers.
+        # One metric object per stage, synced by torchmetrics under DDP; saved in checkpoints, so an epoch
+        # resumed half-way reports the same numbers.
         for stage in STAGES:
             setattr(self, f"{stage}_acc", MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False))
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
             for metric in self.stage_metrics(stage).values():
                 metric.persistent(True)
-        # Lets the fit-start summary show every layer's output shape, like the Keras summary. (Two images,
-        # not one: BatchNorm in training mode needs more than one value per channel.)
+        # The fit-start summary shows each layer's output shape, like Keras's (two images for BatchNorm).
         self.example_input_array = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -130,8 +115,8 @@ class FashionMNISTClassifier(LightningModule):
             smoothing = self.label_smoothing if stage == "train" else 0.0
             losses = F.cross_entropy(scores, labels, reduction="none", label_smoothing=smoothing)
         self.stage_metrics(stage)["acc"].update(scores, labels)
-        # Per-image losses, so the epoch mean is exact for a short last batch. (MeanMetric's `weight`
-        # is ignored with nan_strategy="disable", which keeps the step free of host syncs.)
+        # Per-image losses, so the epoch mean is exact for a short last batch (MeanMetric's `weight` is
+        # ignored with nan_strategy="disable", the setting that keeps the step free of host syncs).
         self.stage_metrics(stage)["loss"].update(losses.detach())
         return scores, losses.mean()
 

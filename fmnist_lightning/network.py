@@ -1,7 +1,6 @@
-"""The plain nn.Modules: input scaling and the original Keras network.
+"""The plain nn.Modules: input scaling, the original Keras network and a MobileNetV2 alternative.
 
-Layer names follow the Keras summary of the original script (conv2d, max_pooling2d, conv2d_1, ...), so
-the summary Lightning prints at fit start reads like the one the original printed.
+Layer names follow the Keras summary (conv2d, max_pooling2d, conv2d_1, ...) so Lightning's reads like the original's.
 """
 
 from collections import OrderedDict
@@ -16,10 +15,9 @@ FASHION_MNIST_STD = 0.3530
 
 
 class InputScaling(nn.Module):
-    """uint8 pixels (or floats already in [0, 1]) to the float input the network was trained on.
+    """uint8 pixels (or floats in [0, 1]) to network input.
 
-    Living in the model rather than in the data pipeline means a checkpoint or an exported model
-    carries its own preprocessing: callers only ever hand it 28x28 grayscale pixels.
+    It lives in the model so that checkpoints and exported models carry their own preprocessing.
     """
 
     def __init__(self, normalize: bool = False) -> None:
@@ -46,19 +44,9 @@ def original_cnn(
     batch_norm: bool = False,
     dropout: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
 ) -> nn.Sequential:
-    """Conv(32) pool Conv(64) pool Conv(64) Dense(64) Dense(10): the Keras original, 93,322 parameters.
+    """The Keras original (93,322 parameters) returning logits: its softmax is folded into the loss.
 
-    It returns logits; the softmax of the original's last layer is folded into the loss (cross-entropy
-    on logits) and applied where probabilities are returned.
-
-    `pool_before_relu` max-pools each of the first two convolutions before its ReLU instead of after.
-    The network computes exactly the same function and gradients (max and ReLU commute:
-    max(relu(a), relu(b)) = relu(max(a, b))), with 4x less ReLU work; layer names, shapes, parameters
-    and checkpoints are unchanged.
-
-    The options beyond the original (off by default): `batch_norm` after each convolution (+320
-    parameters), and `dropout` rates after the first and second pooling, after the third convolution
-    and after the 64-unit dense layer.
+    `pool_before_relu` computes the same function with less work (max and ReLU commute); same checkpoints.
     """
     if len(dropout) != 4 or not all(0 <= rate < 1 for rate in dropout):
         raise ValueError(f"dropout takes 4 rates in [0, 1), one per position, got {list(dropout)}")
@@ -95,9 +83,7 @@ def init_like_keras(module: nn.Module) -> None:
 class MobileNetV2Classifier(nn.Module):
     """torchvision's MobileNetV2 for 28x28 grayscale pictures: resized to 64x64, the channel repeated to three.
 
-    With `pretrained`, the ImageNet weights are loaded (torchvision downloads them once into its cache)
-    and inputs are standardised with ImageNet's statistics, as those weights expect; the last layer is
-    a new 10-class one either way.
+    `pretrained` loads the ImageNet weights and standardises inputs as they expect; the last layer is always new.
     """
 
     SIZE = 64

@@ -1,8 +1,5 @@
-"""Writing outputs safely: the path checked before anything runs, and the file complete or absent after.
-
-A crash never leaves a half-written file under the final name, and a failing command does not leave
-behind the empty folders it created on the way.
-"""
+"""Writing outputs safely: the path checked before anything runs, the file complete or absent after, and no
+empty folders left behind by a failing command."""
 
 import errno
 import os
@@ -17,11 +14,7 @@ from fmnist_lightning.errors import UserError
 
 @contextmanager
 def atomic_write(destination: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary file beside `destination`; rename it into place only if the block completes.
-
-    On any error (disk full, Ctrl-C) the temporary file is removed and an existing `destination` is left
-    exactly as it was.
-    """
+    """A temporary file beside `destination`, renamed into place only if the block completes (else removed)."""
     destination = Path(destination)
     if destination.is_dir():  # checked first: the rename at the end would fail after all the work
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(destination))
@@ -53,11 +46,7 @@ def nearest_existing(path: Path) -> Path:
 
 
 def ensure_output_path(path: str | os.PathLike, option: str, is_folder: bool = False) -> None:
-    """Refuse, before anything runs, an output file (or folder) that could not be written.
-
-    Names the real problem: a part of the path that is a file, a file where a folder is wanted (or the
-    reverse), a folder without write permission. Creates nothing.
-    """
+    """Refuse, before anything runs and creating nothing, an output file (or folder) that could not be written."""
     path = Path(path)
     existing = nearest_existing(path)
     if existing == path.absolute():

@@ -1,5 +1,5 @@
-"""The test report's content: per-class numbers (torchmetrics) with the CSV / Markdown files they are written
-to, and the examples its pictures show (the most confident mistakes, a sample of predictions)."""
+"""The test report's content: per-class numbers from torchmetrics, their CSV / Markdown rows, and the
+examples its pictures show (the most confident mistakes, a sample of predictions)."""
 
 import csv
 import os
@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassConfusionMatrix,
     MulticlassF1Score,
@@ -36,27 +35,19 @@ class ClassificationReport:
         return self.confusion.sum(dim=1)
 
 
-class ClassificationReportMetric(nn.Module):
-    """Accumulates predictions batch by batch (synchronised across processes under DDP)."""
+class ClassificationReportMetric(MetricCollection):
+    """The metrics behind a `ClassificationReport`; MetricCollection syncs them across processes under DDP."""
 
     def __init__(self, num_classes: int = len(CLASS_NAMES)) -> None:
-        super().__init__()
-        metrics: dict[str, nn.Module] = {"confusion": MulticlassConfusionMatrix(num_classes)}
-        score_classes = {
-            "precision": MulticlassPrecision,
-            "recall": MulticlassRecall,
-            "f1": MulticlassF1Score,
-        }
+        score_classes = {"precision": MulticlassPrecision, "recall": MulticlassRecall, "f1": MulticlassF1Score}
+        metrics: dict[str, Metric] = {"confusion": MulticlassConfusionMatrix(num_classes)}
         for average in (None, *AVERAGES):
             for score, metric_class in score_classes.items():
                 metrics[f"{score}_{average or 'class'}"] = metric_class(num_classes, average=average)
-        self.metrics = MetricCollection(metrics)
-
-    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
-        self.metrics.update(predictions, labels)
+        super().__init__(metrics)
 
     def compute(self) -> ClassificationReport:
-        values = {name: value.cpu() for name, value in self.metrics.compute().items()}
+        values = {name: value.cpu() for name, value in super().compute().items()}
         return ClassificationReport(
             confusion=values["confusion"],
             per_class={score: values[f"{score}_class"] for score in SCORES},
@@ -101,9 +92,8 @@ def confusion_rows(
 
 
 def row_normalised(confusion: torch.Tensor) -> torch.Tensor:
-    """Each true class's row divided by its count (a class with no images stays all zeros)."""
-    totals = confusion.sum(dim=1, keepdim=True)
-    return confusion.double() / totals.clamp(min=1)
+    """Recall per true class; a class with no images stays all zeros instead of dividing by zero."""
+    return confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 @dataclass
@@ -118,23 +108,21 @@ class PredictionExamples:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.images, self.labels, self.predicted, self.confidence
+
     def extended(
         self, images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, confidence: torch.Tensor
     ) -> "PredictionExamples":
-        """A copy with more examples appended (moved to the CPU)."""
-        return PredictionExamples(
-            torch.cat([self.images, images.cpu()]),
-            torch.cat([self.labels, labels.cpu()]),
-            torch.cat([self.predicted, predicted.cpu()]),
-            torch.cat([self.confidence, confidence.float().cpu()]),
-        )
+        pairs = zip(self._tensors(), (images, labels, predicted, confidence.float()), strict=True)
+        return PredictionExamples(*(torch.cat([old, new.cpu()]) for old, new in pairs))
 
     def subset(self, index: torch.Tensor) -> "PredictionExamples":
-        return PredictionExamples(self.images[index], self.labels[index], self.predicted[index], self.confidence[index])
+        return PredictionExamples(*(tensor[index] for tensor in self._tensors()))
 
 
 class ExampleCollector:
-    """Streams over test batches keeping the `gallery_size` most confident mistakes and the first samples."""
+    """Keeps only the `gallery_size` most confident mistakes and the first samples, so memory stays small."""
 
     def __init__(self, gallery_size: int = 16, sample_size: int = 25) -> None:
         self.gallery_size = gallery_size

@@ -1,10 +1,5 @@
-"""Resuming exactly: what a checkpoint records of its run, what a resume must match, and the callbacks that
-keep a run resumable (the random state, a current last.ckpt, an orderly stop on SIGTERM and Ctrl-C).
-
-A resumed run must compute what the interrupted one would have: same model, data order, batches,
-precision and seed. Settings that only change speed or where files are may differ; `max_epochs` may
-grow where the learning rate does not follow a schedule planned over the whole run.
-"""
+"""Exact resumes: what a checkpoint records of its run, which settings a resume must match (all that change a
+number), and the callbacks that keep a run resumable (random state, a current last.ckpt, SIGTERM, Ctrl-C)."""
 
 import logging
 import os
@@ -107,11 +102,7 @@ def _comparable(value: Any) -> Any:
 
 
 class RandomState(L.Callback):
-    """Saves the global random number generators in checkpoints and restores them on resume.
-
-    Dropout and batch augmentation draw from them; with their state restored, a run resumed from a
-    checkpoint draws exactly what the uninterrupted run would have (the data order has its own seed).
-    """
+    """Saves the global random generators (dropout, augmentation) in checkpoints and restores them on resume."""
 
     def state_dict(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state()}
@@ -129,22 +120,12 @@ SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
 
 
 class KeepLastCheckpoint(L.Callback):
-    """Keeps `last.ckpt` at the latest state: after every epoch's validation, on SIGTERM and on Ctrl-C.
+    """Keeps `last.ckpt` current: after every validation, and on SIGTERM or a first Ctrl-C (an orderly stop
+    at the batch's end, exit 130). Lightning 2.6's `save_last` only follows new best epochs, and its
+    `save_on_exception` saves on any error, a diverged run's included.
 
-    Since Lightning 2.6, `ModelCheckpoint(save_last=True)` rewrites last.ckpt only when it saves a top-k
-    checkpoint at the same step; with `save_top_k: 1` that is a new best epoch only, and a run killed
-    later would resume from its best epoch and train the epochs after it once more. So once a
-    ModelCheckpoint has written its last.ckpt, this callback rewrites that file after every validation of
-    a fit (before the ModelCheckpoint's own turn: Lightning runs checkpoint callbacks last).
-
-    On SIGTERM (what schedulers send before killing a job) Lightning stops at the end of the current
-    batch, so the state saved there is consistent. A first Ctrl-C during training is turned into the same
-    orderly stop (the process then exits 130); a second one stops at once.
-
-    A run resumed from its own folder reached by another spelling (an absolute `save_dir`, a copied or
-    moved run folder) keeps writing its own last.ckpt: the ModelCheckpoint's saved paths are moved to
-    the folder it writes to now, instead of Lightning starting a `last-v1.ckpt` beside the old file. A
-    checkpoint that is only scored (validate, test, predict) does not restore those paths at all.
+    A resumed run whose folder was copied or moved keeps writing its own last.ckpt (not `last-v1.ckpt`);
+    a checkpoint that is only scored does not restore the ModelCheckpoint's paths at all.
     """
 
     def __init__(self) -> None:

@@ -14,10 +14,7 @@ from fmnist_lightning.outputs import ensure_output_path, nearest_existing, remov
 
 
 def run_folder(trainer: L.Trainer) -> Path:
-    """The folder a run writes its logs to (the logger's version folder), where reports go too.
-
-    Under DDP this is a collective call (rank 0 broadcasts its folder): every process must make it.
-    """
+    """The logger's version folder, where reports go too; under DDP a collective call (rank 0 broadcasts)."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -50,12 +47,8 @@ class NewRunFolder(NamedTuple):
 
 
 def claim_run_folder(logger: Any) -> NewRunFolder | None:
-    """Create a logger's next `version_N` folder now, atomically, and make the logger use it.
-
-    Lightning picks the next free number and creates the folder later, so two runs started at the same
-    moment could pick the same folder and mix their logs; `mkdir` succeeds for one of them only, and the
-    other takes the next number. Only the first process does this (under DDP the others write nothing).
-    """
+    """Create the logger's next `version_N` folder now with an atomic mkdir and make the logger use it:
+    Lightning picks the number early and creates the folder late, so two runs started together could share it."""
     root = getattr(logger, "root_dir", None)
     if root is None or getattr(logger, "_version", 0) is not None or rank_zero_only.rank != 0:
         return None  # no folder of its own, a version already chosen (a resumed run), or not the first process
@@ -74,8 +67,7 @@ def claim_run_folder(logger: Any) -> NewRunFolder | None:
 
 
 def remove_unfinished_run_folder(folder: NewRunFolder | None) -> None:
-    """Remove a run folder created by a failed command if it holds no checkpoint and no metrics, and the
-    folders created above it if that leaves them empty."""
+    """Remove a failed command's new run folder if it holds no checkpoint or metrics, and the empty folders above."""
     if folder is None or not folder.path.is_dir():
         return
     if any(folder.path.rglob("*.ckpt")) or (folder.path / "metrics.csv").is_file():
@@ -111,11 +103,8 @@ def continue_run_folder(logger: Any, checkpoint: Path) -> None:
 
 
 class TakeBackRunFolders(L.Callback):
-    """When the command fails, removes the run folders it claimed and left without results.
-
-    Lightning calls `on_exception` for anything raised inside fit, validate, test or predict (a Ctrl-C and
-    SIGTERM included); as the last callback this runs after the others have saved what they save.
-    """
+    """When the command fails (Ctrl-C and SIGTERM included), removes the run folders it claimed and left empty;
+    as the last callback it runs after the others have saved what they save."""
 
     def __init__(self, folders: list[NewRunFolder | None]) -> None:
         self.folders = folders

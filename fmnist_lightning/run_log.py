@@ -1,11 +1,5 @@
-"""A CSV logger that survives kills and resumes: `metrics.csv` is rewritten atomically, one row per log.
-
-Lightning's CSVLogger keeps rows in memory until its flush interval (100 steps; epoch-level rows can
-wait a whole run), deletes an existing `metrics.csv` when a run folder is reused, and appends
-whatever is logged again after a resume. This one writes the file after every logging call (a few per
-epoch), continues an existing file, and lets a row replace an earlier row of the same epoch with the
-same metrics: a resumed run that logs an epoch again leaves one row for it, with the new values.
-"""
+"""A CSV logger that survives kills and resumes. Lightning's CSVLogger buffers rows (a kill loses them),
+deletes `metrics.csv` in a reused run folder, and repeats epochs logged again after a resume."""
 
 import csv
 import os
@@ -22,7 +16,7 @@ BOOKKEEPING = ("epoch", "step")
 
 
 class MergingExperimentWriter(ExperimentWriter):
-    """Keeps every row in memory (a few per epoch) and rewrites the whole file on each save."""
+    """Rewrites the whole file atomically on each save; a row replaces an earlier one of the same epoch and metrics."""
 
     def __init__(self, log_dir: str) -> None:
         self.rows: list[dict[str, Any]] = []

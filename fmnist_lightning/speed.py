@@ -18,12 +18,9 @@ NVML_LIBRARY = "libnvidia-ml.so.1"  # the name torch loads
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+    """Let glibc reuse freed memory rather than return it; False where the C library is not glibc.
 
-    A training step allocates and frees a few activation tensors of several MB. With glibc's default
-    thresholds those come from fresh mmap()s whose pages the kernel must fault in and zero every
-    step: millions of page faults per epoch (docs/performance.md has the cost). Raising the thresholds
-    turns that into plain reuse of the heap. Returns False where the C library is not glibc.
+    By default each step's multi-MB activations come from fresh mmap()s the kernel must fault in and zero.
     """
     name = ctypes.util.find_library("c")
     try:
@@ -34,13 +31,9 @@ def keep_freed_memory() -> bool:
 
 
 def skip_missing_nvml() -> bool:
-    """Stop torch from looking for the NVIDIA driver's NVML library once per optimizer step where it is absent.
+    """Where NVML is missing, use torch's plain CUDA check (same answer); returns whether it switched.
 
-    Lightning asks torch to check for GPUs through NVML (`PYTORCH_NVML_BASED_CUDA_CHECK=1`), which keeps
-    fork() safe. Adam runs that check on every step; with a CUDA build of torch on a machine without the
-    driver (a CPU-only machine), torch then tries to load the missing library each time and falls back to
-    asking the CUDA runtime, the answer the plain check gives directly. Where the library is missing,
-    this switches to the plain check: same answer, no failed load. Returns whether it did.
+    Adam checks for GPUs every step, and a CUDA torch without the driver would retry loading NVML each time.
     """
     if os.environ.get(NVML_CHECK_ENV) != "1":
         return False
@@ -53,37 +46,24 @@ def skip_missing_nvml() -> bool:
 
 
 def configure_runtime() -> None:
-    """Everything the CLI sets before a run:
-
-    - the allocator thresholds above (`keep_freed_memory`);
-    - no per-step search for a missing NVML library (`skip_missing_nvml`);
-    - Lightning's progress bar redraws every 50 steps instead of every step, which costs a visible part
-      of a small step (set TQDM_MINITERS to choose);
-    - `deterministic: true` no longer fills every new tensor with NaN (a debugging aid that exposes reads
-      of uninitialised memory, and costs a step milliseconds); the deterministic algorithms stay on.
-    """
+    """Everything the CLI sets before a run; none of it changes a number."""
     keep_freed_memory()
     skip_missing_nvml()
-    os.environ.setdefault("TQDM_MINITERS", "50")
+    os.environ.setdefault("TQDM_MINITERS", "50")  # a progress bar redraw per step is costly next to a small step
+    # `deterministic: true` would NaN-fill every new tensor (a debugging aid); the deterministic algorithms stay on.
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX).
-
-    Without it, oneDNN emulates bf16 and a bf16-mixed step of this network is many times slower than an
-    fp32 one; with it, faster (docs/performance.md has both).
-    """
+    """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX); without it oneDNN emulates bf16."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the fallback
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def fastest_precision(accelerator: object) -> str:
-    """The precision a run gets when its config leaves `trainer.precision` unset (null).
+    """The precision when `trainer.precision` is unset: bf16-mixed where the device computes bf16 natively.
 
-    bf16-mixed where the device computes bf16 natively (GPUs that support it, CPUs with AVX-512 BF16 or
-    AMX), 32-true elsewhere: the same accuracy here either way (docs/performance.md), so the choice is
-    only about speed.
+    Accuracy is the same either way (docs/performance.md), so the choice is only about speed.
     """
     if accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available()):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
