@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import CSVLogger
 
 from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.calibration import CalibrationMetric, CalibrationSummary, calibration_rows
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.metrics_log import METRICS_FILE, NoCurvesError
 from fmnist_lightning.outputs import atomic_write, ensure_output_path, new_folders_removed_on_error
@@ -58,8 +59,9 @@ class CurvePlots(L.Callback):
 
 
 class TestReport(L.Callback):
-    """After `test`: confusion matrix, per-class report, most confident mistakes and sample predictions.
-    Needs `test_step` to return `{"probabilities": ...}`; under DDP the pictures show only rank 0's share."""
+    """After `test`: confusion matrix, per-class and calibration reports, most confident mistakes, sample
+    predictions; logs `test_ece`. Needs `test_step` to return `{"probabilities": ...}`; under DDP the
+    galleries show only rank 0's share."""
 
     FILES: ClassVar[dict[str, str]] = {
         "confusion_png": "confusion_matrix.png",
@@ -68,6 +70,8 @@ class TestReport(L.Callback):
         "report_csv": "per_class_report.csv",
         "mistakes_png": "most_confident_mistakes.png",
         "samples_png": "test_samples.png",
+        "calibration_png": "calibration.png",
+        "calibration_csv": "calibration.csv",
     }
 
     def __init__(self, gallery_size: int = 16, sample_size: int = 25) -> None:
@@ -75,9 +79,11 @@ class TestReport(L.Callback):
         self.sample_size = sample_size
         self.report_metric: ClassificationReportMetric | None = None
         self.examples: ExampleCollector | None = None
+        self.calibration: CalibrationMetric | None = None
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.report_metric = ClassificationReportMetric().to(pl_module.device)
+        self.calibration = CalibrationMetric().to(pl_module.device)
         self.examples = ExampleCollector(self.gallery_size, self.sample_size)
 
     def on_test_batch_end(
@@ -92,12 +98,15 @@ class TestReport(L.Callback):
         images, labels = batch
         probabilities = outputs["probabilities"]
         self.report_metric.update(probabilities, labels)
+        self.calibration.update(probabilities, labels)
         self.examples.update(images, labels, probabilities)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every process must join both collective calls (metric sync, run-folder broadcast) or the others hang
         report = self.report_metric.compute()
+        calibration = self.calibration.compute()
         folder = run_folder(trainer)
+        pl_module.log("test_ece", calibration.ece)  # the same value in every process: already synchronised
         if not trainer.is_global_zero:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,13 +115,16 @@ class TestReport(L.Callback):
         write_csv(rows, paths["report_csv"])
         write_csv(confusion_rows(report.confusion), paths["confusion_csv"])
         write_csv(confusion_rows(report.confusion, normalize=True), paths["confusion_normalized_csv"])
-        self._draw(report.confusion, paths)
+        write_csv(calibration_rows(calibration), paths["calibration_csv"])
+        self._draw(report.confusion, calibration, paths)
         print(f"\nPer-class report on the test set\n\n{markdown_table(rows)}\n", flush=True)
         for path in paths.values():
             print(f"report:           {path}", flush=True)
 
-    def _draw(self, confusion: torch.Tensor, paths: dict[str, Path]) -> None:
-        from fmnist_lightning.plots import confusion_matrix_figure, image_grid_figure, save_figure
+    def _draw(self, confusion: torch.Tensor, calibration: CalibrationSummary, paths: dict[str, Path]) -> None:
+        from fmnist_lightning.plots import calibration_figure, confusion_matrix_figure, image_grid_figure, save_figure
+
+        save_figure(calibration_figure({"test set": calibration}), paths["calibration_png"])
 
         save_figure(
             confusion_matrix_figure(confusion.numpy(), row_normalised(confusion).numpy(), CLASS_NAMES),
@@ -143,7 +155,15 @@ class TestReport(L.Callback):
 def _caption(examples: PredictionExamples, index: int) -> str:
     true_name = CLASS_NAMES[int(examples.labels[index])]
     predicted_name = CLASS_NAMES[int(examples.predicted[index])]
-    return f"true: {true_name}\npred: {predicted_name} ({float(examples.confidence[index]):.1%})"
+    return f"true: {true_name}\npred: {predicted_name} ({percent(float(examples.confidence[index]))})"
+
+
+def percent(probability: float) -> str:
+    """A percentage with as many decimals as it takes not to round a probability below 1 up to 100%."""
+    decimals = 1
+    while probability < 1 and round(probability * 100, decimals) >= 100 and decimals < 6:
+        decimals += 1
+    return f"{probability:.{decimals}%}"
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
+from fmnist_lightning.calibration import calibrate_checkpoint
 from fmnist_lightning.callbacks import PredictionWriter
 from fmnist_lightning.checkpoints import DivergenceGuard, load_checkpoint, load_weights
 from fmnist_lightning.curves import FORMATS, draw_curves
@@ -48,7 +49,7 @@ DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (
     "Train, evaluate and inspect the original Keras Fashion-MNIST CNN with Lightning. Besides the "
     "subcommands below: `fmnist plot RUN` draws a run's curves, `fmnist export --ckpt_path CKPT` writes "
-    "ONNX or TorchScript."
+    "ONNX or TorchScript, `fmnist calibrate --ckpt_path CKPT` fits a temperature to the probabilities."
 )
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
@@ -190,9 +191,10 @@ def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
         lines.append(f"training time:    {seconds:.1f} s, validation included")
     for stage, label in (("val", "validation"), ("test", "test")):
         if f"{stage}_acc" in scores:
+            ece = f", ECE {float(scores[f'{stage}_ece']):.4f}" if f"{stage}_ece" in scores else ""
             lines.append(
                 f"{label + ':':<17} accuracy {float(scores[f'{stage}_acc']):.4f}, "
-                f"loss {float(scores[f'{stage}_loss']):.4f}"
+                f"loss {float(scores[f'{stage}_loss']):.4f}{ece}"
             )
     return "\n".join(lines)
 
@@ -239,7 +241,26 @@ def export_command(args: list[str]) -> None:
     )
 
 
-TOOL_COMMANDS = {"plot": plot_command, "export": export_command}
+def calibrate_command(args: list[str]) -> None:
+    """`fmnist calibrate --ckpt_path CKPT`: fit a temperature on the validation split, save a new checkpoint."""
+    parser = ArgumentParser(prog="fmnist calibrate", description=calibrate_command.__doc__, exit_on_error=False)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint to calibrate (.ckpt); it is never changed")
+    parser.add_argument("--output", help="checkpoint to write (default: CKPT's name with -calibrated, beside it)")
+    parser.add_argument("--data_dir", help="Fashion-MNIST folder (default: the checkpoint's run's data.data_dir)")
+    parser.add_argument("--system_dir", help="the system's copy of the files (default: the run's data.system_dir)")
+    config = parser.parse_args(args)
+    result = calibrate_checkpoint(config.ckpt_path, config.output, config.data_dir, config.system_dir)
+    print(f"temperature:      {result.temperature:.4f} (fitted on {result.validation_images:,} validation images)")
+    for label, summary in (("test before:", result.before), ("test after:", result.after)):
+        print(
+            f"{label:<17} accuracy {summary.accuracy:.4f}, ECE {summary.ece:.4f}, NLL {summary.nll:.4f}, "
+            f"Brier {summary.brier:.4f}"
+        )
+    print(f"calibrated:       {result.checkpoint}")
+    print(f"diagrams:         {result.figure}")
+
+
+TOOL_COMMANDS = {"plot": plot_command, "export": export_command, "calibrate": calibrate_command}
 
 
 def lightning_command(args: list[str] | None) -> FashionMNISTCLI:

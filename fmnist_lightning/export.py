@@ -40,9 +40,10 @@ class ProbabilityModel(nn.Module):
         super().__init__()
         self.input_scaling = copy.deepcopy(model.input_scaling)
         self.network = copy.deepcopy(model.network).to(memory_format=torch.contiguous_format).float()
+        self.temperature = model.temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(self.input_scaling(images)).softmax(dim=1)
+        return (self.network(self.input_scaling(images)) / self.temperature).softmax(dim=1)
 
 
 def export_checkpoint(
@@ -183,6 +184,7 @@ def describe(
             "scale": "pixels / 255" if input_dtype == "uint8" else "none (input already in [0, 1])",
             "normalize": {"mean": float(scaling.mean), "std": float(scaling.std)} if scaling.normalize else None,
         },
+        "temperature": model.temperature,  # probabilities are softmax(logits / temperature); 1: not calibrated
         "checkpoint": {"file": checkpoint_path.name, "sha256": sha256(checkpoint_path)},
         "test_set_check": check,
         "test_accuracy": check["exported_accuracy"],

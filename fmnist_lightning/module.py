@@ -43,6 +43,7 @@ class FashionMNISTClassifier(LightningModule):
         compile: `torch.compile` the network: true for the default mode, or a mode name.
         cuda_graph: On a single GPU, replay each training step as one CUDA graph: same numbers, faster.
         tta: Test-time augmentation for test and predict (mean with the mirror image); not saved in checkpoints.
+        temperature: Divides the logits outside training (`fmnist calibrate` fits it); 1: the network as trained.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class FashionMNISTClassifier(LightningModule):
         compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False,
         cuda_graph: bool = True,
         tta: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tta"])  # how to evaluate, not what was trained
@@ -69,6 +71,9 @@ class FashionMNISTClassifier(LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_epochs = warmup_epochs
         self.test_time_augmentation = tta
+        if not temperature > 0:
+            raise UserError(f"model.temperature must be positive, got {temperature}")
+        self.temperature = temperature
         self.input_scaling = InputScaling(normalize)
         try:
             if architecture == "mobilenet_v2":
@@ -97,23 +102,32 @@ class FashionMNISTClassifier(LightningModule):
         """Logits for a batch of 28x28 grayscale images (uint8 0-255, or float in [0, 1])."""
         return self.network(self.input_scaling(images).contiguous(memory_format=self.memory_format))
 
+    def scaled_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits divided by the temperature: under bf16 autocast the network's are bf16-rounded."""
+        return self(images).float() / self.temperature
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities; with test-time augmentation, averaged over the image and its mirror image."""
-        probabilities = self(images).softmax(dim=1)
+        """float32 class probabilities; with test-time augmentation, averaged with the mirror image's."""
+        probabilities = self.scaled_logits(images).softmax(dim=1)
         if self.test_time_augmentation:
-            probabilities = (probabilities + self(images.flip(-1)).softmax(dim=1)) / 2
+            probabilities = (probabilities + self.scaled_logits(images.flip(-1)).softmax(dim=1)) / 2
         return probabilities
 
     def _shared_step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (logits, or probabilities under test-time augmentation) and mean loss; updates metrics."""
+        """Scores (logits, or probabilities under test-time augmentation) and mean loss; updates metrics.
+
+        Validation and test losses are float32 and use the temperature, like every reported probability.
+        """
         images, labels = batch
         if stage == "test" and self.test_time_augmentation:
             scores = self.probabilities(images)
             losses = F.nll_loss(scores.clamp_min(1e-12).log(), labels, reduction="none")
-        else:
+        elif stage == "train":  # training may stay in the autocast precision
             scores = self(images)
-            smoothing = self.label_smoothing if stage == "train" else 0.0
-            losses = F.cross_entropy(scores, labels, reduction="none", label_smoothing=smoothing)
+            losses = F.cross_entropy(scores, labels, reduction="none", label_smoothing=self.label_smoothing)
+        else:
+            scores = self.scaled_logits(images)
+            losses = F.cross_entropy(scores, labels, reduction="none")
         self.stage_metrics(stage)["acc"].update(scores, labels)
         # Per-image losses, so the epoch mean is exact for a short last batch (MeanMetric's `weight` is
         # ignored with nan_strategy="disable", the setting that keeps the step free of host syncs).

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from fmnist_lightning.calibration import CalibrationSummary
 from fmnist_lightning.metrics_log import RunMetrics
 from fmnist_lightning.outputs import atomic_write
 
@@ -113,3 +114,72 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> None:
     suffix = os.fspath(path).rsplit(".", 1)[-1]
     with atomic_write(path) as file:
         figure.savefig(file, format=suffix, dpi=DPI)
+
+
+def calibration_figure(panels: dict[str, CalibrationSummary], subtitle: str | None = None) -> Figure:
+    """Per panel: a reliability diagram (accuracy against confidence per bin, image counts on the bars) over a
+    histogram of the confidence."""
+    figure = Figure(figsize=(6.2 * len(panels), 7.6), dpi=DPI, layout="constrained")
+    axes_grid = figure.subplots(2, len(panels), squeeze=False, height_ratios=(3, 1.4), sharex=True)
+    for column, (name, summary) in enumerate(panels.items()):
+        diagram, histogram = axes_grid[0, column], axes_grid[1, column]
+        count = summary.bins["images"].numpy()
+        filled = count > 0
+        bins = len(count)
+        lower = np.arange(bins) / bins
+        confidence = np.divide(summary.bins["confidence"].numpy(), count, where=filled, out=np.zeros(bins))
+        accuracy = np.divide(summary.bins["correct"].numpy(), count, where=filled, out=np.zeros(bins))
+        width = 1 / bins
+        diagram.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+        diagram.bar(
+            lower[filled],
+            accuracy[filled],
+            width=width,
+            align="edge",
+            color="C0",
+            edgecolor="white",
+            label="accuracy in the bin",
+        )
+        diagram.bar(
+            lower[filled],
+            np.abs(confidence - accuracy)[filled],
+            bottom=np.minimum(confidence, accuracy)[filled],
+            width=width,
+            align="edge",
+            fill=False,
+            hatch="///",
+            edgecolor="C3",
+            linewidth=0.8,
+            label="gap to the mean confidence",
+        )
+        for left, value, images in zip(lower[filled], accuracy[filled], count[filled], strict=True):
+            inside = value >= 0.15  # the image count at the foot of the bar, or above a short one
+            diagram.text(
+                left + width / 2,
+                0.015 if inside else value + 0.015,
+                f"{int(images):,}",
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                rotation=90,
+                color="white" if inside else "black",
+            )
+        diagram.set_xlim(0, 1)
+        diagram.set_ylim(0, 1.05)
+        diagram.set_ylabel("accuracy")
+        diagram.set_title(
+            f"{name}\nECE {summary.ece:.4f}, MCE {summary.mce:.4f}, NLL {summary.nll:.4f}, Brier {summary.brier:.4f}",
+            fontsize=10,
+        )
+        diagram.legend(loc="upper left", fontsize="small")
+        diagram.grid(alpha=0.3)
+        histogram.bar(lower, count / max(1, count.sum()), width=width, align="edge", color="C0", edgecolor="white")
+        histogram.axvline(summary.accuracy, color="C2", linestyle="-", label=f"accuracy {summary.accuracy:.4f}")
+        mean_confidence = float(summary.bins["confidence"].sum()) / max(1, summary.images)
+        histogram.axvline(mean_confidence, color="C3", linestyle=":", label=f"mean confidence {mean_confidence:.4f}")
+        histogram.set_xlabel(f"top-1 confidence ({bins} bins, {summary.images:,} images)")
+        histogram.set_ylabel("share of images")
+        histogram.legend(loc="upper left", fontsize="small")
+        histogram.grid(alpha=0.3)
+    figure.suptitle("Calibration" + (f" {subtitle}" if subtitle else ""))
+    return figure
