@@ -260,7 +260,38 @@ def calibrate_command(args: list[str]) -> None:
     print(f"diagrams:         {result.figure}")
 
 
-TOOL_COMMANDS = {"plot": plot_command, "export": export_command, "calibrate": calibrate_command}
+def demo_command(args: list[str]) -> None:
+    """`fmnist demo --ckpt_path CKPT`: a local web app to try the model, explore its mistakes, compare runs."""
+    from fmnist_lightning import demo
+
+    parser = ArgumentParser(prog="fmnist demo", description=demo_command.__doc__, exit_on_error=False)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint (.ckpt), or last/best of the newest run")
+    parser.add_argument("--port", type=int, default=demo.DEFAULT_PORT, help="port to serve on")
+    parser.add_argument(
+        "--host",
+        default=demo.DEFAULT_HOST,
+        help="address to serve on; 0.0.0.0 lets other machines in, with no login: only on a network you trust",
+    )
+    parser.add_argument("--runs_dir", default="runs", help="folder of runs for the Runs tab and last/best")
+    parser.add_argument("--data_dir", help="Fashion-MNIST folder (default: the checkpoint's run's data.data_dir)")
+    parser.add_argument("--top_k", type=int, default=3, help="classes shown per prediction")
+    config = parser.parse_args(args)
+    with demo.offline_gradio():  # before Gradio is imported: it reads these settings then
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise UserError("the demo needs Gradio: pip install -e '.[demo]' (scripts/setup.sh installs it)") from None
+        runs_dir = Path(config.runs_dir)
+        loaded = demo.load_for_demo(demo.resolve_checkpoint(config.ckpt_path, runs_dir))
+        demo.ensure_port_free(config.host, config.port)
+        try:
+            test_set: demo.ScoredTestSet | str = demo.predict_test_set(loaded, config.data_dir)
+        except UserError as error:  # the other tabs still work
+            test_set = str(error)
+        demo.serve(demo.build_app(loaded, test_set, runs_dir, config.top_k), config.host, config.port)
+
+
+TOOL_COMMANDS = {"plot": plot_command, "export": export_command, "calibrate": calibrate_command, "demo": demo_command}
 
 
 def lightning_command(args: list[str] | None) -> FashionMNISTCLI:

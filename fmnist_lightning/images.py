@@ -37,6 +37,11 @@ class Invert(str, Enum):
 
 def load_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> np.ndarray:
     """A 28x28 uint8 array ready for the model; raises ValueError with a short reason for a bad file."""
+    return prepare_image(path, invert)[0]
+
+
+def prepare_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> tuple[np.ndarray, bool]:
+    """`load_image`'s array, and whether it was inverted (the demo shows that decision)."""
     check_regular_file(path)
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning; the limit below refuses such files
@@ -57,9 +62,8 @@ def load_image(path: str | os.PathLike, invert: Invert = Invert.AUTO) -> np.ndar
     pixels = np.asarray(gray, dtype=np.uint8)
     if pixels.size == 0:
         raise ValueError("empty image")
-    if invert is Invert.ALWAYS or (invert is Invert.AUTO and has_light_border(pixels)):
-        pixels = 255 - pixels
-    return fit_to_square(pixels)
+    inverted = invert is Invert.ALWAYS or (invert is Invert.AUTO and has_light_border(pixels))
+    return fit_to_square(255 - pixels if inverted else pixels), inverted
 
 
 def check_regular_file(path: str | os.PathLike) -> None:

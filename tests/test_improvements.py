@@ -180,6 +180,7 @@ def test_mobilenet_v2_from_scratch_and_a_clear_error_for_missing_pretrained_weig
     assert "pretrained MobileNetV2 weights are not available" in last and "model.pretrained: false" in last
 
 
+@pytest.mark.slow  # a dozen runs, each in a process of its own
 def test_ablation_script_writes_its_table_and_figure(tiny_data_dir, tmp_path):
     out = tmp_path / "ablation"
     recipes = ["--recipes", "base (the original, 10 epochs)", "+ batch norm"]

@@ -64,6 +64,7 @@ def test_bf16_autocast_predictions_agree_with_fp32():
     torch.testing.assert_close(low, model(images), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow  # eight short trainings, each in a process of its own
 def test_benchmark_runs_every_pipeline_on_tiny_data(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     # 5 training steps per epoch, handed over after steps 2 and 4: three turns per pipeline and epoch
