@@ -44,6 +44,7 @@ from fmnist_lightning.run_folders import (
     runs_root,
 )
 from fmnist_lightning.speed import configure_runtime, fastest_precision
+from fmnist_lightning.threads import ThreadsForFreeCores
 
 DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (
@@ -309,8 +310,11 @@ def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting
-            # Always there, whatever the config: no diverged state saved, exact resumes, the training time.
-            trainer_defaults={"callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer()]},
+            # Always there, whatever the config: no diverged state saved, exact resumes, the training time,
+            # threads that yield to other processes' work.
+            trainer_defaults={
+                "callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer(), ThreadsForFreeCores()]
+            },
         )
     except SystemExit:  # Lightning's orderly stop after SIGTERM, or its exit after a second Ctrl-C
         if keep_last.interrupted:

@@ -25,6 +25,12 @@ its epoch: one round. A pipeline's epoch time leaves out its waits, and since ev
 spread over the same minute or two, a slow spell of the machine slows all of them alike. Every ratio is
 computed per round; the median over the rounds is reported, with the lowest and highest round beside
 it to show how much the noise still moved it. Round 0 is a warm-up.
+
+`--whole-command` measures what a user waits for instead: the original Keras script
+(`scripts/keras_original.py`, run by `--keras-python`, a Python with tensorflow-cpu) and `fmnist fit
+--config configs/base.yaml --test_after_fit true` as whole processes, taking turns pair after pair: wall
+time, CPU time, peak memory, seconds per epoch and test accuracy. `--background-load 0 1` repeats that
+with that many busy processes (a torch loop on all cores, like another training) beside each command.
 """
 
 import argparse
@@ -49,6 +55,8 @@ from fmnist_lightning.network import original_cnn
 from fmnist_lightning.speed import configure_runtime
 
 PIPELINES = ("b", "a_same", "a_default", "c")
+KERAS_SCRIPT = Path(__file__).resolve().with_name("keras_original.py")
+BUSY_LOOP = "import torch\na = torch.randn(256, 256)\nwhile True:\n    a = (a @ a).tanh_()"
 READY, EPOCH, RESULT = "BENCHMARK-READY", "BENCHMARK-EPOCH", "BENCHMARK-RESULT"
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
@@ -293,6 +301,112 @@ def _result(train_images: int, inference_seconds: float, test_images: int, val_a
     }
 
 
+class EpochClock(L.Callback):
+    """Prints each epoch's seconds (training, validation, checkpoint) for `--whole-command`."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report_epoch(time.perf_counter() - self._start, time.perf_counter() - self._start)
+
+
+def whole_commands(options: argparse.Namespace, logs: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The command lines (and environments) of the original script and of the README's main command."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    fmnist = [
+        sys.executable, "-m", "fmnist_lightning", "fit", "--config", str(BASE_CONFIG), "--test_after_fit", "true",
+        "--data.data_dir", options.data_dir, "--trainer.max_epochs", str(options.epochs),
+        "--trainer.logger.init_args.save_dir", logs, "--trainer.callbacks+=benchmark.EpochClock",
+    ]  # fmt: skip
+    commands = {"fmnist": (fmnist, env)}
+    if options.keras_python and Path(options.keras_python).exists():
+        keras = [options.keras_python, str(KERAS_SCRIPT), "--data-dir", options.data_dir]
+        commands = {"keras": ([*keras, "--epochs", str(options.epochs)], dict(os.environ)), **commands}
+    else:
+        print(f"benchmark: no Keras reference ({options.keras_python} not found); see scripts/keras_original.py")
+    return commands
+
+
+def timed_process(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run one command to its end: wall and CPU seconds, peak memory, its epochs and test accuracy."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed (wait status {status}):\n{output[-2000:]}")
+    epochs = [json.loads(line.split(EPOCH, 1)[1]) for line in output.splitlines() if EPOCH in line]
+    accuracy = next(
+        (line.split("accuracy ")[1].split(",")[0] for line in output.splitlines() if line.startswith("test:")), None
+    )
+    if RESULT in output:
+        accuracy = json.loads(output.split(RESULT, 1)[1].splitlines()[0])["test_acc"]
+    return {
+        "wall_seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "epoch_seconds": statistics.median(epoch["epoch_seconds"] for epoch in epochs),
+        "test_acc": float(accuracy),
+    }
+
+
+def run_whole_commands(options: argparse.Namespace) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """For each background load: the commands in turns, `--pairs` times; results[load][command] = runs."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fmnist-benchmark-") as logs:
+        commands = whole_commands(options, logs)
+        for load in options.background_load:
+            results[str(load)] = {name: [] for name in commands}
+            for pair in range(options.pairs):
+                for name, (command, env) in commands.items():
+                    print(f"benchmark: load {load}, pair {pair}, {name} ...", file=sys.stderr, flush=True)
+                    busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(load)]
+                    try:
+                        results[str(load)][name].append(timed_process(command, env))
+                    finally:
+                        for process in busy:
+                            process.kill()
+                            process.wait()
+    return results
+
+
+def whole_command_report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """Medians with the lowest-highest run beside them; ratios taken pair by pair."""
+
+    def spread(values: list[float], digits: int = 1) -> str:
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    lines = [
+        "| background load | command | whole command s | CPU s | peak RSS MB | s / epoch | test accuracy |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for load, commands in results.items():
+        for name, runs in commands.items():
+            column = {key: [run[key] for run in runs] for key in runs[0]}
+            lines.append(
+                f"| {load} | {name} | {spread(column['wall_seconds'])} | {spread(column['cpu_seconds'])} | "
+                f"{statistics.median(column['peak_rss_mb']):,.0f} | {spread(column['epoch_seconds'], 2)} | "
+                f"{spread(column['test_acc'], 4)} |"
+            )
+    lines += ["", "| ratio | median (lowest-highest pair) |", "|---|---:|"]
+    for load, commands in results.items():
+        if "keras" in commands:
+            for key, label in (("wall_seconds", "whole command"), ("epoch_seconds", "s / epoch")):
+                pairs = [
+                    ours[key] / theirs[key] for ours, theirs in zip(commands["fmnist"], commands["keras"], strict=True)
+                ]
+                lines.append(f"| fmnist / keras, {label}, load {load} | {spread(pairs, 3)} |")
+    if "0" in results:
+        for load in (load for load in results if load != "0"):
+            for name in results[load]:
+                alone = statistics.median(run["epoch_seconds"] for run in results["0"][name])
+                loaded = [run["epoch_seconds"] / alone for run in results[load][name]]
+                lines.append(f"| {name} s / epoch, load {load} / load 0 | {spread(loaded, 2)} |")
+    return "\n".join(lines)
+
+
 WORKERS = {
     "b": run_hand_written_loop,
     "a_same": lambda options: run_project_fit(options, same_settings=True),
@@ -465,6 +579,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--json", help="also write the results and ratios to this JSON file")
+    parser.add_argument(
+        "--whole-command", action="store_true", help="time the original Keras script and fmnist fit as whole processes"
+    )
+    parser.add_argument("--keras-python", default=".venv-keras/bin/python", help="a Python with tensorflow-cpu")
+    parser.add_argument("--pairs", type=int, default=2, help="--whole-command: turns per command and load")
+    parser.add_argument(
+        "--background-load", type=int, nargs="+", default=[0], help="--whole-command: busy processes beside each run"
+    )
     parser.add_argument("--worker", choices=PIPELINES, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.turn_steps < 0:
@@ -478,6 +600,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(options.threads)
     if options.worker:
         print(f"{RESULT} {json.dumps(WORKERS[options.worker](options))}", flush=True)
+        return
+    if options.whole_command:
+        whole = run_whole_commands(options)
+        print(whole_command_report(whole))
+        if options.json:
+            Path(options.json).write_text(json.dumps({"whole_command": whole}, indent=2) + "\n")
         return
     results = run_in_turns(options)
     print(report(results, options))

@@ -1,13 +1,20 @@
 """Shared fixtures: a tiny valid Fashion-MNIST in torchvision's layout, and the real one when installed."""
 
 import gzip
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from fmnist_lightning.dataset_files import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
+from fmnist_lightning.threads import FIXED_THREADS_ENV
 from helpers import run_main, tiny_fit_args, write_tiny_dataset
+
+# Tests compare runs bit for bit; a fixed thread count keeps that true while other work shares the machine
+# (tests/test_threads.py checks the adaptation itself).
+os.environ.setdefault(FIXED_THREADS_ENV, str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The fast paths: data cut on the device, channels_last, compile, bf16, and the benchmark script."""
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -153,3 +154,31 @@ def test_benchmark_refuses_a_negative_turn_length(capsys):
         benchmark.parse_args(["--turn-steps", "-1"])
     assert exit_info.value.code == 2
     assert "--turn-steps takes 0 (whole epochs) or a number of steps, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two whole fit commands in processes of their own
+def test_benchmark_times_whole_commands_against_the_keras_script(tiny_data_dir, tmp_path, capsys):
+    keras = tmp_path / "keras-python"  # stands in for a Python with TensorFlow: two epochs and a result
+    keras.write_text(
+        f"#!{sys.executable}\n"
+        'print(\'BENCHMARK-EPOCH {"epoch_seconds": 2.0, "train_seconds": 2.0}\')\n'
+        'print(\'BENCHMARK-EPOCH {"epoch_seconds": 4.0, "train_seconds": 4.0}\')\n'
+        'print(\'BENCHMARK-RESULT {"test_acc": 0.9, "test_loss": 0.3}\')\n'
+    )
+    keras.chmod(0o755)
+    out = tmp_path / "whole.json"
+    flags = ["--whole-command", "--data-dir", str(tiny_data_dir), "--epochs", "1", "--pairs", "1"]
+    load_script("benchmark").main(
+        [*flags, "--background-load", "0", "1", "--keras-python", str(keras), "--json", str(out)]
+    )
+    report = capsys.readouterr().out
+    results = json.loads(out.read_text())["whole_command"]
+    assert set(results) == {"0", "1"} and set(results["0"]) == {"keras", "fmnist"}
+    for load in ("0", "1"):
+        ours, theirs = results[load]["fmnist"][0], results[load]["keras"][0]
+        assert ours["wall_seconds"] > ours["epoch_seconds"] > 0 and ours["cpu_seconds"] > 0
+        assert ours["peak_rss_mb"] > 100 and 0 <= ours["test_acc"] <= 1
+        assert theirs["epoch_seconds"] == 3.0 and theirs["test_acc"] == 0.9  # the median of its two epochs
+    ratio = results["0"]["fmnist"][0]["epoch_seconds"] / 3.0
+    assert f"| fmnist / keras, s / epoch, load 0 | {ratio:.3f} ({ratio:.3f}-{ratio:.3f}) |" in report
+    assert "| fmnist s / epoch, load 1 / load 0 |" in report
