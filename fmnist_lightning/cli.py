@@ -30,7 +30,9 @@ from fmnist_lightning.resume import (
     SPLIT_SETTINGS,
     KeepLastCheckpoint,
     RandomState,
+    RecipeConfig,
     RunSettings,
+    keep_command_line_settings,
     recipe_differences,
     run_settings,
 )
@@ -94,6 +96,7 @@ class FashionMNISTCLI(LightningCLI):
             )
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
             return
+        self.given_model_settings = config.model.clone()  # before LightningCLI puts the checkpoint's over them
         checkpoint = load_checkpoint(ckpt_path)
         settings = set(checkpoint.get("hyper_parameters") or {}) - {"_instantiator"}
         unknown = settings - set(inspect.signature(FashionMNISTClassifier).parameters)
@@ -114,6 +117,14 @@ class FashionMNISTCLI(LightningCLI):
                 f"refusing to validate {ckpt_path} on another split than its run's ({'; '.join(differences)}): "
                 "the validation images would include images it trained on; keep its split settings"
             )
+
+    def before_instantiate_classes(self) -> None:
+        given = getattr(self, "given_model_settings", None)
+        if given is None or not self.subcommand:
+            return
+        defaults = {name: p.default for name, p in inspect.signature(FashionMNISTClassifier).parameters.items()}
+        for warning in keep_command_line_settings(given, self.config[self.subcommand].model, defaults):
+            print(f"fmnist: warning: {warning}", file=sys.stderr)
 
     def after_instantiate_classes(self) -> None:
         ckpt_path = self._get(self.config, "ckpt_path") if self.subcommand else None
@@ -307,6 +318,7 @@ def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
             FashionMNISTClassifier,
             FashionMNISTDataModule,
             args=args,
+            save_config_callback=RecipeConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,  # the optimizer is the model's own `model.optimizer` setting

@@ -11,10 +11,13 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fmnist_lightning.run_folders import run_folder
+from fmnist_lightning.outputs import atomic_write
+from fmnist_lightning.run_folders import logger_settings, run_folder
 
 # Settings that change no number of a run: how fast it goes, and where its files are.
 FREE_SETTINGS = frozenset(
@@ -47,6 +50,17 @@ TRAINER_SETTINGS = (
     "max_epochs",
 )
 SPLIT_SETTINGS = ("data.split_seed", "data.val_size")
+# With --ckpt_path, LightningCLI replaces the command line's model settings by the checkpoint's. These only
+# change speed, so the command line's stand; the others define the model, and a dropped one is named.
+SPEED_MODEL_SETTINGS = (
+    "compile",
+    "channels_last",
+    "cuda_graph",
+    "pool_before_relu",
+    "optimizer.init_args.fused",
+    "optimizer.init_args.foreach",
+)
+MODEL_DEFINING_SETTINGS = ("architecture", "normalize", "batch_norm", "dropout", "temperature")
 
 
 class RunSettings(L.Callback):
@@ -205,3 +219,44 @@ class KeepLastCheckpoint(L.Callback):
 def _moved(path: str | None, old: str, new: str) -> str | None:
     """A path saved in the `old` checkpoint folder, in the `new` one; any other path as it is."""
     return str(Path(new) / Path(path).name) if path and Path(path).parent == Path(old) else path
+
+
+def keep_command_line_settings(given: Any, from_checkpoint: Any, defaults: Mapping[str, Any]) -> list[str]:
+    """Put the command line's speed-only model settings back over the checkpoint's (in `from_checkpoint`);
+    return a warning for each model-defining setting the user gave that the checkpoint overrides."""
+    for key in SPEED_MODEL_SETTINGS:
+        if _get(given, key) is not None:
+            from_checkpoint[key] = given[key]
+    return [
+        f"--model.{key} {_get(given, key)!r} is ignored: the checkpoint's model has {_get(from_checkpoint, key)!r}"
+        for key in MODEL_DEFINING_SETTINGS
+        if _comparable(_get(given, key))
+        not in (_comparable(_get(from_checkpoint, key)), _comparable(defaults.get(key)))
+    ]
+
+
+def _get(namespace: Any, key: str) -> Any:
+    try:
+        return namespace[key]
+    except (KeyError, TypeError):
+        return None
+
+
+class RecipeConfig(SaveConfigCallback):
+    """`config.yaml` that reruns the recipe from scratch; a resume's checkpoint and run-folder version go to
+    `resumed.yaml` beside it instead of being pinned in the recipe."""
+
+    def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        config = config.clone()
+        settings = logger_settings(config.trainer.get("logger"))
+        self.resumed = {"ckpt_path": config.get("ckpt_path"), "version": settings.get("version") if settings else None}
+        if "ckpt_path" in config:
+            config.ckpt_path = None
+        if settings is not None:
+            settings.version = None
+        super().__init__(parser, config, *args, **kwargs)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.resumed["ckpt_path"] and trainer.log_dir:
+            with atomic_write(Path(trainer.log_dir) / "resumed.yaml", "w", encoding="utf-8") as file:
+                yaml.safe_dump(self.resumed, file)

@@ -76,7 +76,7 @@ def remove_unfinished_run_folder(folder: NewRunFolder | None) -> None:
     remove_empty_folders(folder.path.parent, folder.existed)
 
 
-def _logger_settings(logger: Any) -> Any:
+def logger_settings(logger: Any) -> Any:
     """The init_args of the (first) configured logger, or None for `logger: false/true`."""
     if isinstance(logger, list):
         logger = logger[0] if logger else None
@@ -85,7 +85,7 @@ def _logger_settings(logger: Any) -> Any:
 
 def runs_root(logger: Any) -> Path:
     """The folder holding a logger's version_N run folders: save_dir/name."""
-    settings = _logger_settings(logger)
+    settings = logger_settings(logger)
     if settings is None or settings.get("save_dir") is None:
         raise UserError("--ckpt_path last/best needs a logger with a save_dir (as in configs/base.yaml)")
     return Path(settings.save_dir) / (settings.get("name") or "")
@@ -93,7 +93,7 @@ def runs_root(logger: Any) -> Path:
 
 def continue_run_folder(logger: Any, checkpoint: Path) -> None:
     """When resuming from runs/NAME/version_N/checkpoints/*.ckpt, log into version_N again."""
-    settings = _logger_settings(logger)
+    settings = logger_settings(logger)
     folder = checkpoint.resolve().parent
     if settings is None or settings.get("save_dir") is None or folder.name != "checkpoints":
         return

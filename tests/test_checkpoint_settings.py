@@ -1,0 +1,59 @@
+"""With --ckpt_path, which settings come from the checkpoint and which from the command line, and the
+config.yaml a resumed run leaves behind."""
+
+import contextlib
+import io
+
+import torch
+import yaml
+
+from fmnist_lightning.cli import lightning_command
+from helpers import run_main, tiny_fit_args
+
+
+def run_in(tmp_path, monkeypatch, *args):
+    """The CLI in this process; the CLI object (its model) and what it printed on stderr."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["fmnist"])
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        cli = lightning_command(list(args))
+    return cli, stderr.getvalue()
+
+
+def test_speed_settings_follow_the_command_line_over_the_checkpoint(
+    tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch
+):
+    speed = ["--model.channels_last", "false", "--model.pool_before_relu", "false", "--model.cuda_graph", "false"]
+    cli, stderr = run_in(
+        tmp_path, monkeypatch, "test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), *speed
+    )
+    assert not cli.model.hparams.channels_last and cli.model.memory_format == torch.contiguous_format
+    assert not cli.model.hparams.pool_before_relu and not cli.model.hparams.cuda_graph
+    assert list(cli.model.network)[1].__class__.__name__ == "ReLU"  # ReLU before pooling, as asked
+    assert "warning" not in stderr
+
+
+def test_a_model_defining_setting_comes_from_the_checkpoint_with_a_warning(
+    tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch
+):
+    args = ["test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(tiny_checkpoint), "--model.batch_norm", "true"]
+    cli, stderr = run_in(tmp_path, monkeypatch, *args)
+    assert cli.model.hparams.batch_norm is False  # the checkpoint's: its weights have no BatchNorm
+    assert "fmnist: warning: --model.batch_norm True is ignored: the checkpoint's model has False" in stderr
+    assert stderr.count("warning") == 1
+
+
+def test_a_resumed_run_s_config_reruns_the_recipe_from_scratch(tiny_data_dir, tmp_path):
+    run_main("fit", *tiny_fit_args(tiny_data_dir, epochs=1), cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "base" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run_main("fit", *tiny_fit_args(tiny_data_dir, epochs=2), "--ckpt_path", str(last), cwd=tmp_path)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["ckpt_path"] is None
+    assert config["trainer"]["logger"]["init_args"]["version"] is None
+    assert config["trainer"]["max_epochs"] == 2
+    resumed = yaml.safe_load((run_dir / "resumed.yaml").read_text())
+    assert resumed == {"ckpt_path": str(last), "version": 0}
+    run_main("fit", "--config", str(run_dir / "config.yaml"), cwd=tmp_path)  # from scratch: a new run folder
+    assert (tmp_path / "runs" / "base" / "version_1" / "checkpoints" / "last.ckpt").is_file()
