@@ -1,5 +1,6 @@
 """`fmnist` / `python -m fmnist_lightning`: Lightning's CLI over the model and the data module."""
 
+import argparse
 import inspect
 import logging
 import os
@@ -16,6 +17,7 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.tuner import Tuner
 
 from fmnist_lightning.calibration import calibrate_checkpoint
 from fmnist_lightning.callbacks import PredictionWriter
@@ -43,6 +45,7 @@ from fmnist_lightning.run_folders import (
     continue_run_folder,
     find_run_checkpoint,
     remove_unfinished_run_folder,
+    run_folder,
     runs_root,
 )
 from fmnist_lightning.speed import configure_runtime, fastest_precision
@@ -78,11 +81,11 @@ class FashionMNISTCLI(LightningCLI):
         before LightningCLI reads the model's settings from it (which imports the classes they name)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
+        config = self.config[subcommand] if subcommand else self.config  # none: `lr_find`, which runs no subcommand
         if config.trainer.precision is None:  # unset: the fastest for this machine
             config.trainer.precision = fastest_precision(config.trainer.accelerator)
+        if not subcommand:
+            return
         max_epochs = config.trainer.max_epochs
         if subcommand == "fit" and max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
             raise UserError(f"trainer.max_epochs must be at least 1 (or -1 for no limit), got {max_epochs}")
@@ -303,11 +306,46 @@ def demo_command(args: list[str]) -> None:
         demo.serve(demo.build_app(loaded, test_set, runs_dir, config.top_k), config.host, config.port)
 
 
-TOOL_COMMANDS = {"plot": plot_command, "export": export_command, "calibrate": calibrate_command, "demo": demo_command}
+def lr_find_command(args: list[str]) -> None:
+    """`fmnist lr_find --config CONFIG [--min_lr --max_lr --num_training]`: Lightning's learning-rate finder for
+    the configured model, data and optimizer; the plot goes to a run folder, the suggestion is printed."""
+    options = argparse.ArgumentParser(prog="fmnist lr_find", description=lr_find_command.__doc__, add_help=False)
+    options.add_argument("--min_lr", type=float, default=1e-6)
+    options.add_argument("--max_lr", type=float, default=1.0)
+    options.add_argument("--num_training", type=int, default=100, help="training steps the search takes")
+    finder_settings, rest = options.parse_known_args(args)
+    cli = lightning_command(rest, run=False)
+    finder = Tuner(cli.trainer).lr_find(
+        cli.model, datamodule=cli.datamodule, update_attr=False, **vars(finder_settings)
+    )  # the optimizer's learning rate is swept by Lightning's own schedule; the model keeps its setting
+    suggestion = finder.suggestion() if finder is not None else None
+    import matplotlib.pyplot as plt  # only now: the other commands never pay for matplotlib's import
+
+    from fmnist_lightning.plots import save_figure
+
+    folder = run_folder(cli.trainer)
+    figure = finder.plot(suggest=suggestion is not None)  # Lightning draws it with pyplot
+    save_figure(figure, folder / "lr_find.png")
+    plt.close(figure)
+    print(f"lr_find plot:     {folder / 'lr_find.png'}")
+    if suggestion is None:
+        raise UserError(
+            "the learning-rate finder found no clear minimum; try more --num_training steps or another range"
+        )
+    print(f"suggested lr:     {suggestion:.3g} (set it as model.optimizer.init_args.lr)")
 
 
-def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
-    """fit / validate / test / predict through LightningCLI."""
+TOOL_COMMANDS = {
+    "plot": plot_command,
+    "export": export_command,
+    "calibrate": calibrate_command,
+    "demo": demo_command,
+    "lr_find": lr_find_command,
+}
+
+
+def lightning_command(args: list[str] | None, run: bool = True) -> FashionMNISTCLI:
+    """fit / validate / test / predict through LightningCLI (`run=False`: only build the trainer, model and data)."""
     configure_runtime()
     # Parse errors raise instead of printing the whole usage, so that they too become one line.
     parser_kwargs = {"description": CLI_DESCRIPTION, "exit_on_error": False}
@@ -318,6 +356,7 @@ def lightning_command(args: list[str] | None) -> FashionMNISTCLI:
             FashionMNISTClassifier,
             FashionMNISTDataModule,
             args=args,
+            run=run,
             save_config_callback=RecipeConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs,

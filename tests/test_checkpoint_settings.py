@@ -57,3 +57,23 @@ def test_a_resumed_run_s_config_reruns_the_recipe_from_scratch(tiny_data_dir, tm
     assert resumed == {"ckpt_path": str(last), "version": 0}
     run_main("fit", "--config", str(run_dir / "config.yaml"), cwd=tmp_path)  # from scratch: a new run folder
     assert (tmp_path / "runs" / "base" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_lr_find_sweeps_the_configured_optimizer_and_saves_its_plot(tiny_data_dir, tmp_path):
+    result = run_main(
+        "lr_find",
+        *tiny_fit_args(tiny_data_dir),
+        "--trainer.max_epochs",
+        "4",
+        "--num_training",
+        "30",
+        "--max_lr",
+        "0.1",
+        cwd=tmp_path,
+    )
+    plot = tmp_path / "runs" / "base" / "version_0" / "lr_find.png"
+    assert f"lr_find plot:     {plot.relative_to(tmp_path)}" in result.stdout
+    assert plot.stat().st_size > 10_000
+    suggestion = float(result.stdout.split("suggested lr:")[1].split()[0])
+    assert 1e-6 <= suggestion <= 0.1
+    assert not list(tmp_path.glob(".lr_find*"))  # Lightning's temporary checkpoint is gone
