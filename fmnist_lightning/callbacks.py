@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.calibration import CalibrationMetric, CalibrationSummary, calibration_rows
@@ -46,7 +48,15 @@ class CurvePlots(L.Callback):
 
     def _draw(self, trainer: L.Trainer) -> None:
         csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if csv_logger is None or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        if csv_logger is None:
+            if trainer.loggers and trainer.state.fn == TrainerFn.FITTING:  # once, after fit (test runs draw no curves)
+                print(
+                    "fmnist: warning: no accuracy.png/loss.png: they are drawn from the CSV log, and no logger is a "
+                    "CSVLogger; keep RunCSVLogger as trainer.logger and add others with --extra_loggers",
+                    file=sys.stderr,
+                )
             return
         csv_logger.save()  # flush rows still in memory
         metrics_file = Path(csv_logger.log_dir) / METRICS_FILE

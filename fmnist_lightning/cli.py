@@ -27,6 +27,7 @@ from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.errors import UserError, one_line_message
 from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
 from fmnist_lightning.export import export_checkpoint
+from fmnist_lightning.loggers import ExtraLogger, extra_loggers
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.resume import (
     SPLIT_SETTINGS,
@@ -73,6 +74,12 @@ class FashionMNISTCLI(LightningCLI):
             help="fit only: test the best checkpoint on the official test set once training ends",
         )
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # --predictions.output/format/top_k
+        parser.add_argument(
+            "--extra_loggers",
+            type=list[ExtraLogger],
+            default=[],
+            help="Lightning loggers beside the CSV log, in the same run folder: tensorboard, mlflow",
+        )
         # Checkpoints are saved atomically and loaded without running pickled code, whatever the config.
         parser.set_defaults({"trainer.plugins": [{"class_path": "fmnist_lightning.checkpoints.SafeCheckpointIO"}]})
 
@@ -152,6 +159,10 @@ class FashionMNISTCLI(LightningCLI):
                 remove_unfinished_run_folder(folder)
             raise
         self.trainer.callbacks.append(TakeBackRunFolders(claimed))
+        extra = self._get(self.config, "extra_loggers") if self.subcommand else self.config.get("extra_loggers")
+        if extra and self.trainer.loggers:
+            run = Path(self.trainer.loggers[0].log_dir)  # the first logger's own folder; no collective call yet
+            self.trainer.loggers = [*self.trainer.loggers, *extra_loggers(extra, run)]
 
     def predict(self, **kwargs: Any) -> None:
         """Lightning's predict, streaming: results go to the PredictionWriter, not into a list in memory."""

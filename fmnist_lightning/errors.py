@@ -5,6 +5,8 @@ from argparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 MAX_MESSAGE = 300
+# Packages a config may need that are optional extras (a Lightning logger, the demo): module -> extra.
+OPTIONAL_PACKAGES = {"tensorboard": "tensorboard", "tensorboardX": "tensorboard", "mlflow": "mlflow", "gradio": "demo"}
 
 
 class UserError(Exception):
@@ -28,6 +30,9 @@ def one_line_message(error: BaseException) -> str | None:
         message = f"{shortened(str(error))} (a trainer setting; see `fmnist fit --help`)"
     elif isinstance(error, OSError) and error.filename is not None:
         message = f"{error.filename}: {error.strerror or error}"
+    elif isinstance(error, ModuleNotFoundError) and error.name and error.name.split(".")[0] in OPTIONAL_PACKAGES:
+        extra = OPTIONAL_PACKAGES[error.name.split(".")[0]]
+        message = f"{error}; it comes with an optional part of this project: pip install -e '.[{extra}]'"
     elif isinstance(error, UnicodeDecodeError):
         byte = error.object[error.start : error.start + 1].hex()
         message = (

@@ -2,6 +2,7 @@
 config.yaml a resumed run leaves behind."""
 
 import contextlib
+import csv
 import io
 
 import torch
@@ -77,3 +78,50 @@ def test_lr_find_sweeps_the_configured_optimizer_and_saves_its_plot(tiny_data_di
     suggestion = float(result.stdout.split("suggested lr:")[1].split()[0])
     assert 1e-6 <= suggestion <= 0.1
     assert not list(tmp_path.glob(".lr_find*"))  # Lightning's temporary checkpoint is gone
+
+
+def test_tensorboard_and_mlflow_log_beside_the_csv_log_in_one_run_folder(tiny_data_dir, tmp_path):
+    run_main("fit", *tiny_fit_args(tiny_data_dir), "--extra_loggers", "[tensorboard, mlflow]", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "base" / "version_0"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    (mlflow_run,) = [path.parent for path in (run_dir / "mlruns").glob("*/*/meta.yaml")]
+    assert {"train_acc", "val_acc", "val_loss"} <= {path.name for path in (mlflow_run / "metrics").iterdir()}
+    assert (mlflow_run / "params" / "batch_size").read_text() == "32"
+    for kept in ("metrics.csv", "accuracy.png", "loss.png", "config.yaml", "checkpoints/last.ckpt"):
+        assert (run_dir / kept).is_file()
+    assert sorted(path.name for path in (tmp_path / "runs" / "base").iterdir()) == ["version_0"]  # one run folder
+    tested = run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", "last", cwd=tmp_path)
+    assert "test:" in tested.stdout
+
+
+def test_a_logger_other_than_the_csv_log_alone_says_the_curves_are_missing(tiny_data_dir, tmp_path):
+    tensorboard_only = [
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        "tb",
+    ]
+    result = run_main("fit", *tiny_fit_args(tiny_data_dir), *tensorboard_only, cwd=tmp_path)
+    assert "fmnist: warning: no accuracy.png/loss.png: they are drawn from the CSV log" in result.stderr
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_lightning_callbacks_from_the_command_line(tiny_data_dir, tmp_path):
+    callbacks = [
+        # stops once val_acc has not improved by 1.0 for one epoch: after the second epoch, whatever happens
+        "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val_acc", "--trainer.callbacks.mode=max",
+        "--trainer.callbacks.patience=1", "--trainer.callbacks.min_delta=1.0",
+        "--trainer.callbacks+=LearningRateMonitor", "--trainer.callbacks.logging_interval=epoch",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=5",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename=step-{step}",
+        "--trainer.callbacks+=RichProgressBar",
+    ]  # fmt: skip
+    args = [*tiny_fit_args(tiny_data_dir), "--trainer.max_epochs", "5", "--trainer.enable_progress_bar", "true"]
+    run_main("fit", *args, *callbacks, cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "base" / "version_0"
+    with open(run_dir / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert max(int(row["epoch"]) for row in rows if row.get("val_acc")) == 1  # stopped early, epochs 0 and 1
+    assert [float(row["lr-Adam"]) for row in rows if row.get("lr-Adam")][:1] == [0.001]
+    steps = sorted(int(path.stem.split("=")[1]) for path in (run_dir / "checkpoints").glob("step-step=*.ckpt"))
+    assert steps == [5, 10, 15, 20]
