@@ -45,6 +45,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         translate: Training augmentation: random shift of up to this many pixels (0: off).
         flip: Training augmentation: random horizontal flip.
         erase: Training augmentation: probability of erasing a random rectangle (0: off).
+        rotate: Training augmentation: random rotation of up to this many degrees either way (0: off).
+        zoom: Training augmentation: random scaling by 1 +- up to this fraction, e.g. 0.1 (0: off).
     """
 
     def __init__(
@@ -64,6 +66,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         translate: int = 0,
         flip: bool = False,
         erase: float = 0.0,
+        rotate: float = 0.0,
+        zoom: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -92,7 +96,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.invert = Invert(invert)
         self.num_workers = num_workers
         try:
-            self.augment = BatchAugment(translate, flip, erase)
+            self.augment = BatchAugment(translate, flip, erase, rotate, zoom)
         except ValueError as error:
             raise UserError(f"data: {error}") from None
         self.train_set: TensorBatchDataset | None = None

@@ -63,7 +63,7 @@ def load_for_demo(path: Path) -> LoadedCheckpoint:
     defaults = {name: p.default for name, p in inspect.signature(FashionMNISTClassifier).parameters.items()}
     changed = [name for name in IMPROVED_SETTINGS if name in settings and settings[name] != defaults.get(name)]
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    if data.get("translate") or data.get("flip") or data.get("erase"):
+    if any(data.get(name) for name in ("translate", "flip", "erase", "rotate", "zoom")):
         changed.append("augmentation")
     optimizer = (settings.get("optimizer") or {}).get("class_path", "torch.optim.Adam").rsplit(".", 1)[-1]
     recipe = f"{settings.get('architecture', 'original')} network, {optimizer}"

@@ -37,7 +37,8 @@ class FashionMNISTClassifier(LightningModule):
         label_smoothing: Label smoothing of the training loss (validation and test losses stay plain).
         lr_schedule: "constant", "onecycle" (up to the optimizer's lr) or "cosine" (after warm-up); per batch.
         warmup_epochs: Linear warm-up length for "cosine".
-        pretrained: For "mobilenet_v2": start from torchvision's ImageNet weights (needs them downloaded).
+        pretrained: For "mobilenet_v2": true: torchvision's ImageNet weights (downloaded once); a path: those
+            weights from a local file (`torch.save(state_dict)`), for machines without internet.
         pool_before_relu: Max-pool before the ReLU in the first two blocks: same numbers, less work.
         channels_last: NHWC memory format for the convolutions: same numbers, faster kernels.
         compile: `torch.compile` the network: true for the default mode, or a mode name.
@@ -56,7 +57,7 @@ class FashionMNISTClassifier(LightningModule):
         label_smoothing: float = 0.0,
         lr_schedule: Literal["constant", "onecycle", "cosine"] = "constant",
         warmup_epochs: float = 0.0,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         pool_before_relu: bool = True,
         channels_last: bool = True,
         compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False,

@@ -90,13 +90,19 @@ class MobileNetV2Classifier(nn.Module):
     IMAGENET_MEAN = (0.485, 0.456, 0.406)
     IMAGENET_STD = (0.229, 0.224, 0.225)
 
-    def __init__(self, num_classes: int = 10, pretrained: bool = False) -> None:
+    def __init__(self, num_classes: int = 10, pretrained: bool | str = False) -> None:
         super().__init__()
         from torchvision.models import mobilenet_v2
 
         self.backbone = mobilenet_v2(weights=None)
         if pretrained:
-            self.backbone.load_state_dict(imagenet_weights())
+            weights = local_weights(pretrained) if isinstance(pretrained, str) else imagenet_weights()
+            try:
+                self.backbone.load_state_dict(weights)
+            except RuntimeError as error:  # a strict load names what does not fit
+                raise ValueError(
+                    f"{pretrained} does not hold MobileNetV2 weights ({str(error).splitlines()[0]})"
+                ) from None
         self.backbone.classifier[-1] = nn.Linear(self.backbone.last_channel, num_classes)
         mean, std = (self.IMAGENET_MEAN, self.IMAGENET_STD) if pretrained else ((0.0,) * 3, (1.0,) * 3)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -105,6 +111,20 @@ class MobileNetV2Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         resized = nn.functional.interpolate(images, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False)
         return self.backbone((resized.expand(-1, 3, -1, -1) - self.mean) / self.std)
+
+
+def local_weights(path: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights copied onto a machine without internet: a state dict saved with `torch.save`, read
+    without running pickled code."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"pretrained weights file {path} does not exist; give a MobileNetV2 state dict file") from None
+    except Exception as error:  # unpickling refused, truncated or not a torch file: all mean the same here
+        raise ValueError(f"{path} is not a readable weights file ({str(error).splitlines()[0]})") from None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path} is not a state dict of MobileNetV2 weights")
+    return weights
 
 
 def imagenet_weights(timeout_seconds: float = 20.0) -> dict[str, torch.Tensor]:

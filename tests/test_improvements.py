@@ -4,13 +4,14 @@ import csv
 import io
 import itertools
 import logging
+import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_lightning.augment import BatchAugment
+from fmnist_lightning.augment import BatchAugment, rotate_and_scale
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier, warmup_cosine
@@ -73,8 +74,36 @@ def test_flip_mirrors_about_half_and_erasing_blanks_patches():
     assert float(fraction.min()) >= 0.01 and float(fraction.max()) <= 0.25  # 2-20% of the area, rounded
 
 
+def test_rotation_and_zoom_turn_and_scale_about_the_centre():
+    images = image_batch(3)
+    same = rotate_and_scale(images, torch.zeros(3), torch.ones(3))
+    assert same.dtype == torch.uint8 and torch.equal(same, images)  # no turn, no zoom: the pixels as they were
+    half_turn = rotate_and_scale(images, torch.full((3,), math.pi), torch.ones(3))
+    assert (half_turn.int() - images.flip(-1).flip(-2).int()).abs().max() <= 1  # 180 degrees, up to rounding
+    square = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    square[..., 10:18, 10:18] = 255
+    zoomed = rotate_and_scale(square, torch.zeros(1), torch.full((1,), 2.0))
+    assert int((zoomed > 127).sum()) == 16 * 16  # twice as large, still centred
+    assert bool((zoomed[..., :4, :] == 0).all()) and bool((zoomed[..., 24:, :] == 0).all())
+
+
+def test_random_rotation_and_zoom_stay_within_their_ranges():
+    torch.manual_seed(0)
+    square = torch.zeros(200, 1, 28, 28, dtype=torch.uint8)
+    square[..., 8:20, 8:20] = 255
+    areas = (BatchAugment(zoom=0.2)(square) > 127).flatten(1).sum(1).float()
+    assert float(areas.min()) >= 144 * 0.8**2 - 10 and float(areas.max()) <= 144 * 1.2**2 + 10
+    assert float(areas.std()) > 10  # the scale varies from image to image
+    turned = BatchAugment(rotate=15)(square)
+    assert not torch.equal(turned, square) and (turned[..., :4, :] == 0).all()  # a small turn keeps the corners away
+    with pytest.raises(ValueError, match="rotate must be in"):
+        BatchAugment(rotate=200)
+
+
 def test_augmentation_is_seeded_and_only_applied_while_training(tiny_data_dir):
-    dm = FashionMNISTDataModule(data_dir=str(tiny_data_dir), download=False, translate=2, flip=True, erase=0.5)
+    dm = FashionMNISTDataModule(
+        data_dir=str(tiny_data_dir), download=False, translate=2, flip=True, erase=0.5, rotate=10, zoom=0.1
+    )
     batch = (image_batch(8), torch.zeros(8, dtype=torch.long))
 
     class Trainer:
@@ -218,3 +247,25 @@ def test_improved_recipe_beats_the_base_recipe_at_the_same_short_budget(real_dat
         )
         scores[name] = float(re.search(r"test:\s+accuracy (\S+),", result.stdout).group(1))
     assert scores["improved"] > scores["base"], scores
+
+
+def test_mobilenet_v2_takes_imagenet_weights_from_a_local_file(tmp_path):
+    from torchvision.models import mobilenet_v2
+
+    imagenet_like = mobilenet_v2(weights=None).state_dict()
+    path = tmp_path / "mobilenet_v2_imagenet.pt"
+    torch.save(imagenet_like, path)
+    model = FashionMNISTClassifier(architecture="mobilenet_v2", pretrained=str(path), channels_last=False)
+    loaded = model.network.backbone.state_dict()
+    assert torch.equal(loaded["features.0.0.weight"], imagenet_like["features.0.0.weight"])
+    assert loaded["classifier.1.weight"].shape == (10, 1280)  # a new 10-class layer on top
+    assert torch.allclose(model.network.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))  # ImageNet's statistics
+    for bad, message in ((tmp_path / "none.pt", "does not exist"), (_foreign_weights(tmp_path), "does not hold")):
+        with pytest.raises(UserError, match=message):
+            FashionMNISTClassifier(architecture="mobilenet_v2", pretrained=str(bad))
+
+
+def _foreign_weights(tmp_path):
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    return path
