@@ -17,7 +17,7 @@ from fmnist_lightning.batches import Batch
 from fmnist_lightning.data import NUM_CLASSES
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.graphed import CudaGraphTraining
-from fmnist_lightning.network import InputScaling, MobileNetV2Classifier, original_cnn
+from fmnist_lightning.network import InputScaling, MobileNetV2Classifier, original_cnn, preact_resnet
 
 STAGES = ("train", "val", "test")
 
@@ -30,7 +30,8 @@ class FashionMNISTClassifier(LightningModule):
 
     Args:
         optimizer: Built from the model's parameters; Adam with lr 1e-3 like the original.
-        architecture: "original" (the Keras CNN) or "mobilenet_v2" (torchvision's, for transfer learning).
+        architecture: "original" (the Keras CNN), "mobilenet_v2" (torchvision's, for transfer learning) or
+            "resnet" (a pre-activation ResNet, `depth` and `width`).
         normalize: Standardise pixels with the training set's mean and std after scaling to [0, 1].
         batch_norm: BatchNorm after each convolution of the original network (+320 parameters).
         dropout: Dropout after pool 1, pool 2, conv 3 and the dense layer: one rate for all, or four.
@@ -45,12 +46,18 @@ class FashionMNISTClassifier(LightningModule):
         cuda_graph: On a single GPU, replay each training step as one CUDA graph: same numbers, faster.
         tta: Test-time augmentation for test and predict (mean with the mirror image); not saved in checkpoints.
         temperature: Divides the logits outside training (`fmnist calibrate` fits it); 1: the network as trained.
+        depth: For "resnet": layers, 6n + 2 (20: ResNet-20).
+        width: For "resnet": channels of the first stage (the others have 2x and 4x).
+        teacher: Knowledge distillation: a checkpoint of this project whose soft predictions the model also
+            learns from (loaded safely, frozen, in eval mode, on the same augmented batch); None: off.
+        distill_temperature: Softening of both models' logits in the distillation loss.
+        distill_weight: Share of the distillation loss in the training loss (the rest: cross-entropy).
     """
 
     def __init__(
         self,
         optimizer: OptimizerCallable = torch.optim.Adam,
-        architecture: Literal["original", "mobilenet_v2"] = "original",
+        architecture: Literal["original", "mobilenet_v2", "resnet"] = "original",
         normalize: bool = False,
         batch_norm: bool = False,
         dropout: float | list[float] = 0.0,
@@ -64,6 +71,11 @@ class FashionMNISTClassifier(LightningModule):
         cuda_graph: bool = True,
         tta: bool = False,
         temperature: float = 1.0,
+        depth: int = 20,
+        width: int = 16,
+        teacher: str | None = None,
+        distill_temperature: float = 4.0,
+        distill_weight: float = 0.9,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tta"])  # how to evaluate, not what was trained
@@ -75,10 +87,19 @@ class FashionMNISTClassifier(LightningModule):
         if not temperature > 0:
             raise UserError(f"model.temperature must be positive, got {temperature}")
         self.temperature = temperature
+        self.teacher_path = teacher
+        self.distill_temperature = distill_temperature
+        self.distill_weight = distill_weight
+        self.teacher: FashionMNISTClassifier | None = None  # loaded when fit starts; never saved with the model
         self.input_scaling = InputScaling(normalize)
         try:
+            if not distill_temperature > 0 or not 0 <= distill_weight <= 1:
+                raise ValueError(f"distill_temperature must be > 0 and distill_weight in [0, 1], got "
+                                 f"{distill_temperature} and {distill_weight}")  # fmt: skip
             if architecture == "mobilenet_v2":
                 self.network = MobileNetV2Classifier(NUM_CLASSES, pretrained)
+            elif architecture == "resnet":
+                self.network = preact_resnet(NUM_CLASSES, depth, width)
             else:
                 rates = [dropout] * 4 if isinstance(dropout, int | float) else list(dropout)
                 self.network = original_cnn(NUM_CLASSES, pool_before_relu, batch_norm, rates)
@@ -126,6 +147,8 @@ class FashionMNISTClassifier(LightningModule):
         elif stage == "train":  # training may stay in the autocast precision
             scores = self(images)
             losses = F.cross_entropy(scores, labels, reduction="none", label_smoothing=self.label_smoothing)
+            if self.teacher is not None:
+                losses = (1 - self.distill_weight) * losses + self.distill_weight * self._distillation(images, scores)
         else:
             scores = self.scaled_logits(images)
             losses = F.cross_entropy(scores, labels, reduction="none")
@@ -134,6 +157,23 @@ class FashionMNISTClassifier(LightningModule):
         # ignored with nan_strategy="disable", the setting that keeps the step free of host syncs).
         self.stage_metrics(stage)["loss"].update(losses.detach())
         return scores, losses.mean()
+
+    def _distillation(self, images: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Per-image KL divergence from the teacher's softened predictions, times T^2 (Hinton et al.), so its
+        gradients keep their size whatever the temperature."""
+        with torch.no_grad():
+            target = (self.teacher(images).float() / self.distill_temperature).log_softmax(dim=1)
+        student = (scores.float() / self.distill_temperature).log_softmax(dim=1)
+        divergence = F.kl_div(student, target, reduction="none", log_target=True).sum(dim=1)
+        return divergence * self.distill_temperature**2
+
+    def on_fit_start(self) -> None:
+        """Load the teacher: only for training, so that scoring a student never needs its teacher's file."""
+        if self.teacher_path:
+            from fmnist_lightning.checkpoints import model_from_checkpoint  # it imports this module
+
+            teacher, _ = model_from_checkpoint(self.teacher_path)
+            object.__setattr__(self, "teacher", teacher.to(self.device).requires_grad_(False))  # not a submodule
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")[1]

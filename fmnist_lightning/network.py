@@ -144,3 +144,51 @@ def imagenet_weights(timeout_seconds: float = 20.0) -> dict[str, torch.Tensor]:
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+class PreActBlock(nn.Module):
+    """Two 3x3 convolutions, each after BatchNorm and ReLU, added to the input (a 1x1 projection when the
+    shape changes): the pre-activation residual block."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(channels_in), nn.BatchNorm2d(channels_out)
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
+        changes = stride != 1 or channels_in != channels_out
+        self.shortcut = nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False) if changes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        return self.conv2(nn.functional.relu(self.bn2(out))) + shortcut
+
+
+def preact_resnet(num_classes: int = 10, depth: int = 20, width: int = 16) -> nn.Sequential:
+    """A pre-activation ResNet for 28x28 grayscale: three stages of (depth - 2) / 6 blocks at `width`,
+    2x and 4x channels (28, 14, 7 pixels), then global average pooling. Depth 20, width 16: ResNet-20."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"resnet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
+    if width < 1:
+        raise ValueError(f"resnet width must be at least 1, got {width}")
+    blocks = (depth - 2) // 6
+    layers: list[tuple[str, nn.Module]] = [("stem", nn.Conv2d(1, width, 3, padding=1, bias=False))]
+    channels = width
+    for stage, factor in enumerate((1, 2, 4)):
+        for block in range(blocks):
+            stride = 2 if stage and not block else 1
+            layers.append((f"stage{stage + 1}_block{block + 1}", PreActBlock(channels, width * factor, stride)))
+            channels = width * factor
+    layers += [
+        ("bn", nn.BatchNorm2d(channels)),
+        ("relu", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(1)),
+        ("flatten", nn.Flatten()),
+        ("dense", nn.Linear(channels, num_classes)),
+    ]
+    network = nn.Sequential(OrderedDict(layers))
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return network

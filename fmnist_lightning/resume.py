@@ -60,7 +60,7 @@ SPEED_MODEL_SETTINGS = (
     "optimizer.init_args.fused",
     "optimizer.init_args.foreach",
 )
-MODEL_DEFINING_SETTINGS = ("architecture", "normalize", "batch_norm", "dropout", "temperature")
+MODEL_DEFINING_SETTINGS = ("architecture", "depth", "width", "normalize", "batch_norm", "dropout", "temperature")
 
 
 class RunSettings(L.Callback):
