@@ -67,7 +67,13 @@ def capture(browser, url: str, picture: Path, out_dir: Path, prefix: str = "") -
     browser.get(url)
     wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
     browser.find_elements(By.CSS_SELECTOR, "input[type=file]")[0].send_keys(str(picture))
-    wait.until(lambda page: page.find_element(By.ID, "prediction").text.strip())
+
+    def answered(page) -> bool:
+        prediction = page.find_element(By.ID, "prediction").text
+        done = "The model sees" in page.find_element(By.ID, "what-was-done").text
+        return done and bool(prediction.strip()) and "processing" not in prediction  # not Gradio's spinner text
+
+    wait.until(answered)
     texts = {"prediction": browser.find_element(By.ID, "prediction").text}
     for tab in TABS:
         browser.find_element(By.XPATH, f"//button[@role='tab' and contains(., '{tab}')]").click()
