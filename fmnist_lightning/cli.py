@@ -56,7 +56,9 @@ DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (
     "Train, evaluate and inspect the original Keras Fashion-MNIST CNN with Lightning. Besides the "
     "subcommands below: `fmnist plot RUN` draws a run's curves, `fmnist export --ckpt_path CKPT` writes "
-    "ONNX or TorchScript, `fmnist calibrate --ckpt_path CKPT` fits a temperature to the probabilities."
+    "ONNX or TorchScript, `fmnist calibrate --ckpt_path CKPT` fits a temperature to the probabilities, "
+    "`fmnist lr_find --config CONFIG` runs Lightning's learning-rate finder, `fmnist demo --ckpt_path last` "
+    "serves a local web app."
 )
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
