@@ -162,7 +162,9 @@ class FashionMNISTCLI(LightningCLI):
             raise
         self.trainer.callbacks.append(TakeBackRunFolders(claimed))
         extra = self._get(self.config, "extra_loggers") if self.subcommand else self.config.get("extra_loggers")
-        if extra and self.trainer.loggers:
+        if extra and not self.trainer.loggers:
+            raise UserError("--extra_loggers log beside the run's CSV log, and trainer.logger is off; turn it on")
+        if extra:
             run = Path(self.trainer.loggers[0].log_dir)  # the first logger's own folder; no collective call yet
             self.trainer.loggers = [*self.trainer.loggers, *extra_loggers(extra, run)]
 

@@ -125,3 +125,10 @@ def test_lightning_callbacks_from_the_command_line(tiny_data_dir, tmp_path):
     assert [float(row["lr-Adam"]) for row in rows if row.get("lr-Adam")][:1] == [0.001]
     steps = sorted(int(path.stem.split("=")[1]) for path in (run_dir / "checkpoints").glob("step-step=*.ckpt"))
     assert steps == [5, 10, 15, 20]
+
+
+def test_extra_loggers_without_the_csv_log_are_refused(tiny_data_dir, tmp_path):
+    args = [*tiny_fit_args(tiny_data_dir), "--trainer.logger", "false", "--extra_loggers", "[tensorboard]"]
+    result = run_main("fit", *args, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "--extra_loggers log beside the run's CSV log" in result.stderr.strip().splitlines()[-1]
