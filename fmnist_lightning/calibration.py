@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.batches import TensorBatchDataset
-from fmnist_lightning.checkpoints import SafeCheckpointIO, load_checkpoint, model_from_checkpoint
+from fmnist_lightning.checkpoints import SafeCheckpointIO, model_from_checkpoint
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
@@ -166,14 +166,14 @@ def calibrate_checkpoint(
     system_dir: str | None = None,
 ) -> CalibrationResult:
     """Fit the temperature on the checkpoint's own validation split; write a new checkpoint carrying it."""
-    model, path = model_from_checkpoint(ckpt_path)
+    model, checkpoint = model_from_checkpoint(ckpt_path)
+    path = Path(ckpt_path)
     destination = Path(output) if output else path.with_name(f"{path.stem}-calibrated.ckpt")
     if destination.absolute() == path.absolute():
         raise UserError(
             f"--output {destination} is the checkpoint being calibrated; it is never changed, choose another"
         )
     ensure_output_path(destination, "--output")
-    checkpoint = load_checkpoint(path)
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
     settings: dict[str, Any] = {name: saved[name] for name in SPLIT_DATA_SETTINGS if name in saved}
     settings |= {name: value for name, value in (("data_dir", data_dir), ("system_dir", system_dir)) if value}

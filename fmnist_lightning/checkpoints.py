@@ -155,8 +155,9 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifier, Path]:
-    """Rebuild the model a checkpoint was trained with (its saved settings) and load its weights, in eval mode."""
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifier, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained with (its saved settings) and load its weights, in eval mode;
+    also the checkpoint itself, read once, for callers that want more of it."""
     checkpoint = load_checkpoint(path)
     settings = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key[0] != "_"}
     try:
@@ -164,7 +165,7 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[FashionMNISTClassifi
     except Exception as error:  # jsonargparse reports unknown or ill-typed settings in many ways
         raise UserError(f"{path} was not saved by this project's model ({_first_line(error)})") from error
     load_weights(model, checkpoint, path)
-    return model.eval(), Path(path)
+    return model.eval(), checkpoint
 
 
 class DivergenceGuard(L.Callback):

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.tuner import Tuner
 
+from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.calibration import calibrate_checkpoint
 from fmnist_lightning.callbacks import PredictionWriter
 from fmnist_lightning.checkpoints import DivergenceGuard, load_checkpoint, load_weights
@@ -161,7 +162,7 @@ class FashionMNISTCLI(LightningCLI):
                 remove_unfinished_run_folder(folder)
             raise
         self.trainer.callbacks.append(TakeBackRunFolders(claimed))
-        extra = self._get(self.config, "extra_loggers") if self.subcommand else self.config.get("extra_loggers")
+        extra = self._get(self.config, "extra_loggers")
         if extra and not self.trainer.loggers:
             raise UserError("--extra_loggers log beside the run's CSV log, and trainer.logger is off; turn it on")
         if extra:
@@ -306,6 +307,10 @@ def demo_command(args: list[str]) -> None:
     parser.add_argument("--data_dir", help="Fashion-MNIST folder (default: the checkpoint's run's data.data_dir)")
     parser.add_argument("--top_k", type=int, default=3, help="classes shown per prediction")
     config = parser.parse_args(args)
+    if not 0 < config.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {config.port}")
+    if not 1 <= config.top_k <= len(CLASS_NAMES):
+        raise UserError(f"--top_k must be between 1 and {len(CLASS_NAMES)}, got {config.top_k}")
     with demo.offline_gradio():  # before Gradio is imported: it reads these settings then
         try:
             import gradio  # noqa: F401

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.checkpoints import load_checkpoint, model_from_checkpoint
+from fmnist_lightning.checkpoints import model_from_checkpoint
 from fmnist_lightning.data import load_split
 from fmnist_lightning.dataset_files import SYSTEM_DATA_DIR, ensure_dataset
 from fmnist_lightning.errors import UserError
@@ -57,8 +58,7 @@ def resolve_checkpoint(ckpt_path: str, runs_dir: Path) -> Path:
 
 def load_for_demo(path: Path) -> LoadedCheckpoint:
     """The model in eval mode (float32, CPU) with its recipe and, when its run tested it, its test accuracy."""
-    model, path = model_from_checkpoint(path)
-    checkpoint = load_checkpoint(path)
+    model, checkpoint = model_from_checkpoint(path)
     settings = checkpoint.get("hyper_parameters") or {}
     defaults = {name: p.default for name, p in inspect.signature(FashionMNISTClassifier).parameters.items()}
     changed = [name for name in IMPROVED_SETTINGS if name in settings and settings[name] != defaults.get(name)]
@@ -132,8 +132,7 @@ class ScoredTestSet:
 
     def confusion(self) -> torch.Tensor:
         """Counts: rows are true classes, columns predicted ones."""
-        counts = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), dtype=torch.int64)
-        return counts.index_put_((self.labels, self.predicted), torch.ones_like(self.labels), accumulate=True)
+        return multiclass_confusion_matrix(self.predicted, self.labels, len(CLASS_NAMES))
 
     def confusion_rows(self) -> list[list[Any]]:
         """One row per true class: its name, then the count predicted as each class."""

@@ -56,7 +56,8 @@ def export_checkpoint(
     """Export, check on the official test set, and write model + JSON; returns both paths and the check."""
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
-    model, checkpoint_path = model_from_checkpoint(ckpt_path)
+    model, _ = model_from_checkpoint(ckpt_path)
+    checkpoint_path = Path(ckpt_path)
     destination = Path(output) if output else default_output(checkpoint_path, format)
     ensure_output_path(destination, "--output")
     ensure_dataset(data_dir, SYSTEM_DATA_DIR, download=True)

@@ -110,8 +110,10 @@ def test_the_runs_tab_draws_the_chosen_runs(workspace):
         (lambda tmp, ckpt: ["--ckpt_path", str(tmp / "no.ckpt")], "does not exist"),
         (lambda tmp, ckpt: ["--ckpt_path", "last", "--runs_dir", str(tmp / "runs")], "no run with a checkpoint"),
         (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--port", str(_busy_port(tmp))], "cannot serve on 127.0.0.1"),
+        (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--port", "70000"], "--port must be between 1 and 65535"),
+        (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--top_k", "0"], "--top_k must be between 1 and 10"),
     ],
-    ids=["missing checkpoint", "no run for last", "port in use"],
+    ids=["missing checkpoint", "no run for last", "port in use", "port out of range", "top_k out of range"],
 )
 def test_the_demo_refuses_before_serving(tiny_checkpoint, tmp_path, make_args, message):
     args = make_args(tmp_path, tiny_checkpoint)
