@@ -40,8 +40,16 @@ RECIPES: dict[str, list[str]] = {
         "--model.lr_schedule=onecycle",
     ],
     "+ label smoothing": [*LONGER, "--model.label_smoothing=0.05"],
+    "+ rotation (up to 10°)": [*LONGER, "--data.rotate=10"],
+    "+ zoom (up to 10%)": [*LONGER, "--data.zoom=0.1"],
     "improved (configs/improved.yaml)": ["--config", str(CONFIGS / "improved.yaml")],
+    # The second round: hours on a 2-core CPU, so run only when named with --recipes.
+    "strong (configs/strong.yaml)": ["--config", str(CONFIGS / "strong.yaml")],
+    "student without a teacher (configs/distill.yaml)": ["--config", str(CONFIGS / "distill.yaml")],
+    "distilled (configs/distill.yaml + --teacher)": ["--config", str(CONFIGS / "distill.yaml")],
 }
+FIRST_ROUND = list(RECIPES)[: list(RECIPES).index("improved (configs/improved.yaml)") + 1]
+TAUGHT = {"distilled (configs/distill.yaml + --teacher)"}  # these also get --model.teacher
 COLUMNS = ["recipe", "seeds", "test accuracy", "± sd", "test loss", "± sd", "epochs", "minutes per run", "parameters"]
 
 
@@ -60,6 +68,7 @@ def run_recipe(recipe: str, seed: int, options: argparse.Namespace) -> dict:
     command = [
         sys.executable, "-m", "fmnist_lightning", "fit",
         "--config", str(CONFIGS / "base.yaml"), *RECIPES[recipe], *options.extra,
+        *(["--model.teacher", options.teacher] if recipe in TAUGHT else []),
         "--seed_everything", str(seed),
         "--data.data_dir", options.data_dir,
         "--trainer.logger.init_args.save_dir", str(options.out),
@@ -111,7 +120,10 @@ def summary_row(recipe: str, runs: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument(
+        "--recipes", nargs="+", choices=list(RECIPES), default=FIRST_ROUND, help="default: all but the second round"
+    )
+    parser.add_argument("--teacher", help="the checkpoint the distilled recipe learns from, e.g. a strong run's")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=Path("runs") / "ablation")
     parser.add_argument(
@@ -121,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         "extra", nargs="*", help="more CLI overrides for every run, after --, e.g. -- --trainer.max_epochs=2"
     )
     options = parser.parse_args(argv)
+    if TAUGHT.intersection(options.recipes) and not options.teacher:
+        parser.error("the distilled recipe needs --teacher CKPT, e.g. the best checkpoint of a strong run")
     start = time.perf_counter()
     jobs = [(recipe, seed) for recipe in options.recipes for seed in options.seeds]
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:
