@@ -150,6 +150,8 @@ class FashionMNISTCLI(LightningCLI):
                     "to it and --model.tta usually lowers accuracy (docs/improvements.md)",
                     file=sys.stderr,
                 )
+        if self.subcommand == "fit" and not self.datamodule.validating:
+            train_without_validation(self.trainer)
         if self.subcommand:  # recorded by fit; there in every subcommand, as Lightning expects its state's owner
             self.trainer.callbacks.append(RunSettings(run_settings(self.config[self.subcommand])))
         # Last, once nothing else can refuse the command: the run folders it writes to.
@@ -178,7 +180,8 @@ class FashionMNISTCLI(LightningCLI):
     def after_fit(self) -> None:
         scores = dict(self.trainer.callback_metrics)
         if self.config.fit.test_after_fit:
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            best = "best" if self.datamodule.validating else "last"  # no validation picks no best epoch
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
             scores.update(self.trainer.callback_metrics)
         self._print_summary(scores)
 
@@ -192,6 +195,14 @@ class FashionMNISTCLI(LightningCLI):
         summary = run_summary(self.trainer, scores)  # every process: trainer.log_dir is a collective call
         if self.trainer.is_global_zero:
             print(summary, flush=True)
+
+
+def train_without_validation(trainer: Trainer) -> None:
+    """data.val_size 0: no validation loop, and no best-by-validation checkpoints; `last.ckpt` is the model."""
+    trainer.limit_val_batches = 0
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor and callback.monitor.startswith("val_"):
+            callback.save_top_k = 0
 
 
 def trained_with_flips(checkpoint: Mapping[str, Any]) -> bool:
@@ -219,7 +230,8 @@ def run_summary(trainer: Trainer, scores: Mapping[str, Any]) -> str:
     if timer is not None and timer.start_time() is not None:  # this command trained
         # Not Timer.time_elapsed(): it adds the time saved in the last checkpoint loaded (--test_after_fit's).
         seconds = (timer.end_time() or time.monotonic()) - timer.start_time()
-        lines.append(f"training time:    {seconds:.1f} s, validation included")
+        validated = trainer.limit_val_batches != 0
+        lines.append(f"training time:    {seconds:.1f} s, {'validation included' if validated else 'no validation'}")
     for stage, label in (("val", "validation"), ("test", "test")):
         if f"{stage}_acc" in scores:
             ece = f", ECE {float(scores[f'{stage}_ece']):.4f}" if f"{stage}_ece" in scores else ""

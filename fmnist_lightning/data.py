@@ -33,7 +33,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         data_dir: Folder holding (or receiving) the files in torchvision's layout.
         batch_size: Images per training batch (per process under DDP).
         eval_batch_size: Images per validation/test/predict batch (metrics are exact sums); None: `batch_size`.
-        val_size: Held-out part of the 60,000 training images: a fraction in (0, 1) or an image count.
+        val_size: Held-out part of the 60,000 training images: a fraction in (0, 1) or an image count; 0 trains
+            on all of them without validation, so the last epoch's checkpoint is the one tested.
         split_seed: Seed of the train/validation split, independent of the run's seed.
         shuffle_seed: Seed of the training order; epoch `e` is shuffled with `shuffle_seed + e`.
         system_dir: Where the operating system's copy lives (Debian/Ubuntu's `dataset-fashion-mnist`).
@@ -111,10 +112,20 @@ class FashionMNISTDataModule(L.LightningDataModule):
         held_out_count(check_split_files(*split_paths(self.data_dir, "train")), self.val_size)
 
     def setup(self, stage: str) -> None:
+        if stage == "validate" and not self.validating:
+            raise UserError(
+                "data.val_size is 0: the run held no training images out for validation; "
+                "score it with `fmnist test`, or validate and calibrate a run trained with data.val_size > 0"
+            )
         if stage in ("fit", "validate") and self.train_set is None:
             self.train_set, self.val_set = self._split(load_split(self.data_dir, train=True))
         if (stage == "test" or (stage == "predict" and not self.predict_paths)) and self.test_set is None:
             self.test_set = self._on_device(load_split(self.data_dir, train=False))
+
+    @property
+    def validating(self) -> bool:
+        """Whether part of the training images is held out: data.val_size 0 trains on all of them."""
+        return self.val_size != 0
 
     def _split(self, full: TensorBatchDataset) -> tuple[TensorBatchDataset, TensorBatchDataset]:
         val_count = held_out_count(len(full), self.val_size)
@@ -178,10 +189,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
 def held_out_count(total: int, val_size: int | float) -> int:
     """How many of `total` training images to hold out: a float is a fraction, an int a count."""
     count = val_size if isinstance(val_size, int) else round(total * val_size) if val_size < 1 else 0
-    if not 0 < count < total:
+    if not 0 < count < total and val_size != 0:
         raise UserError(
             f"data.val_size={val_size} asks for {count:,} of the {total:,} training images for validation; "
-            f"use a fraction in (0, 1) or a count between 1 and {total - 1:,}"
+            f"use a fraction in (0, 1), a count between 1 and {total - 1:,}, or 0 to train on all of them"
         )
     return count
 

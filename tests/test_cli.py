@@ -76,6 +76,29 @@ def test_a_second_fit_gets_its_own_version_and_leaves_the_first_untouched(fitted
     assert (workdir / second_run / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_val_size_zero_trains_on_every_image_and_tests_the_last_checkpoint(tmp_path, tiny_data_dir):
+    args = [*tiny_fit_args(tiny_data_dir), "--data.val_size", "0"]
+    result = run_main("fit", *args, "--test_after_fit", "true", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "base" / "version_0"
+    rows = read_metrics(run_dir)
+    assert "val_acc" not in rows[0]  # validation never ran
+    # all 400 images train: 13 batches of 32 an epoch (steps are 0-based), against 10 with 80 held out
+    assert [row["step"] for row in rows if row["train_acc"]] == ["12", "25"]
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    last = str(run_dir / "checkpoints" / "last.ckpt")
+    assert "training time:" in result.stdout and ", no validation" in result.stdout
+    tested = run_main("test", *tiny_fit_args(tiny_data_dir), "--data.val_size", "0", "--ckpt_path", last, cwd=tmp_path)
+    assert re.search(r"test: +accuracy", tested.stdout)
+    assert [line for line in result.stdout.splitlines() if line.startswith("test:")] == [
+        line for line in tested.stdout.splitlines() if line.startswith("test:")
+    ]  # --test_after_fit scored the last epoch
+    before = tree_snapshot(tmp_path)
+    refused = run_main("validate", *args, "--ckpt_path", last, cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("fmnist: error: data.val_size is 0")
+    assert tree_snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

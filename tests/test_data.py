@@ -32,10 +32,17 @@ def test_validation_size_can_be_a_count(tiny_data_dir):
     assert (len(dm.train_set), len(dm.val_set)) == (350, 50)
 
 
-@pytest.mark.parametrize("val_size", [400, 1000, 0, 1.0])
+@pytest.mark.parametrize("val_size", [400, 1000, 1.0, 0.0001])
 def test_impossible_validation_sizes_are_refused(tiny_data_dir, val_size):
     with pytest.raises(UserError, match="val_size"):
         datamodule(tiny_data_dir, val_size=val_size)
+
+
+def test_validation_size_zero_trains_on_every_image_and_refuses_to_validate(tiny_data_dir):
+    dm = datamodule(tiny_data_dir, val_size=0)
+    assert (len(dm.train_set), len(dm.val_set), dm.validating) == (400, 0, False)
+    with pytest.raises(UserError, match="held no training images out for validation"):
+        dm.setup("validate")
 
 
 @pytest.mark.parametrize("batch_size", [0, -64])
