@@ -11,6 +11,7 @@ validation curves of the first seed of every recipe are overlaid in one figure.
 import argparse
 import csv
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -58,7 +59,7 @@ COLUMNS = ["recipe", "seeds", "test accuracy", "± sd", "test loss", "± sd", "e
 
 
 def slug(recipe: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in recipe.lower()).strip("-").replace("--", "-")
+    return re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in recipe.lower())).strip("-")
 
 
 def threads_per_job(jobs: int) -> int:

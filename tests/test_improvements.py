@@ -227,6 +227,16 @@ def test_ablation_script_writes_its_table_and_figure(tiny_data_dir, tmp_path):
     assert "Every run also had: `--trainer.max_epochs=1 --data.batch_size=32 --data.download=false`." in summary
 
 
+def test_ablation_refuses_the_distilled_recipe_without_a_teacher(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        load_script("ablation").main(
+            ["--recipes", "distilled (configs/distill.yaml + --teacher)", "--out", str(tmp_path)]
+        )
+    assert exit.value.code == 2
+    assert "the distilled recipe needs --teacher CKPT" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_improved_recipe_beats_the_base_recipe_at_the_same_short_budget(real_data_dir, tmp_path):
