@@ -188,8 +188,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
 def held_out_count(total: int, val_size: int | float) -> int:
     """How many of `total` training images to hold out: a float is a fraction, an int a count."""
+    if val_size == 0:
+        return 0  # train on every image
     count = val_size if isinstance(val_size, int) else round(total * val_size) if val_size < 1 else 0
-    if not 0 < count < total and val_size != 0:
+    if not 0 < count < total:
         raise UserError(
             f"data.val_size={val_size} asks for {count:,} of the {total:,} training images for validation; "
             f"use a fraction in (0, 1), a count between 1 and {total - 1:,}, or 0 to train on all of them"

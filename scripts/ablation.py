@@ -49,12 +49,16 @@ RECIPES: dict[str, list[str]] = {
     "student without a teacher (configs/distill.yaml)": ["--config", str(CONFIGS / "distill.yaml")],
     "distilled (configs/distill.yaml + --teacher)": ["--config", str(CONFIGS / "distill.yaml")],
     "distilled on all 60,000 images (last epoch)": ["--config", str(CONFIGS / "distill.yaml"), "--data.val_size=0"],
+    "distilled, the teacher's augmentation (shifts of 2, flips, erasing)": [
+        "--config",
+        str(CONFIGS / "distill.yaml"),
+        "--data.translate=2",
+        "--data.flip=true",
+        "--data.erase=0.25",
+    ],
 }
 FIRST_ROUND = list(RECIPES)[: list(RECIPES).index("improved (configs/improved.yaml)") + 1]
-TAUGHT = {
-    "distilled (configs/distill.yaml + --teacher)",
-    "distilled on all 60,000 images (last epoch)",
-}  # these also get --model.teacher
+TAUGHT = {recipe for recipe in RECIPES if recipe.startswith("distilled")}  # these also get --model.teacher
 COLUMNS = ["recipe", "seeds", "test accuracy", "± sd", "test loss", "± sd", "epochs", "minutes per run", "parameters"]
 
 

@@ -227,13 +227,15 @@ def test_ablation_script_writes_its_table_and_figure(tiny_data_dir, tmp_path):
     assert "Every run also had: `--trainer.max_epochs=1 --data.batch_size=32 --data.download=false`." in summary
 
 
-def test_ablation_refuses_the_distilled_recipe_without_a_teacher(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:
-        load_script("ablation").main(
-            ["--recipes", "distilled (configs/distill.yaml + --teacher)", "--out", str(tmp_path)]
-        )
-    assert exit.value.code == 2
-    assert "the distilled recipe needs --teacher CKPT" in capsys.readouterr().err
+def test_ablation_refuses_every_distilled_recipe_without_a_teacher(tmp_path, capsys):
+    ablation = load_script("ablation")
+    distilled = [recipe for recipe in ablation.RECIPES if recipe.startswith("distilled")]
+    assert len(distilled) == 3
+    for recipe in distilled:
+        with pytest.raises(SystemExit) as exit:
+            ablation.main(["--recipes", recipe, "--out", str(tmp_path)])
+        assert exit.value.code == 2
+        assert "the distilled recipe needs --teacher CKPT" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
