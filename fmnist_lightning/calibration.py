@@ -14,11 +14,11 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.batches import TensorBatchDataset
-from fmnist_lightning.checkpoints import SafeCheckpointIO, model_from_checkpoint
+from fmnist_lightning.checkpoints import model_from_checkpoint
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.outputs import ensure_output_path
+from fmnist_lightning.outputs import atomic_write, ensure_output_path
 
 CALIBRATION_BINS = 15  # equal-width top-1 confidence bins, the usual choice for ECE
 # The data settings that decide which images are the checkpoint's validation split, and where they are.
@@ -164,16 +164,15 @@ def calibrate_checkpoint(
     output: str | os.PathLike | None = None,
     data_dir: str | None = None,
     system_dir: str | None = None,
+    overwrite: bool = False,
 ) -> CalibrationResult:
-    """Fit the temperature on the checkpoint's own validation split; write a new checkpoint carrying it."""
+    """Fit the temperature on the checkpoint's own validation split; write a new checkpoint carrying it, and
+    its diagrams beside it (same name, .png): both or neither."""
     model, checkpoint = model_from_checkpoint(ckpt_path)
     path = Path(ckpt_path)
     destination = Path(output) if output else path.with_name(f"{path.stem}-calibrated.ckpt")
-    if destination.absolute() == path.absolute():
-        raise UserError(
-            f"--output {destination} is the checkpoint being calibrated; it is never changed, choose another"
-        )
-    ensure_output_path(destination, "--output")
+    figure_path = destination.with_suffix(".png")
+    check_calibration_outputs(path, destination, figure_path, overwrite)
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
     settings: dict[str, Any] = {name: saved[name] for name in SPLIT_DATA_SETTINGS if name in saved}
     settings |= {name: value for name, value in (("data_dir", data_dir), ("system_dir", system_dir)) if value}
@@ -187,11 +186,42 @@ def calibrate_checkpoint(
     before = summarize((test_logits / model.hparams.temperature).softmax(dim=1), test_labels)
     after = summarize((test_logits / temperature).softmax(dim=1), test_labels)
 
-    from fmnist_lightning.plots import calibration_figure, save_figure  # matplotlib only when drawing
+    from fmnist_lightning.plots import calibration_figure, write_figure  # matplotlib only when drawing
 
-    figure_path = destination.with_suffix(".png")
     panels = {"before": before, f"after (temperature {temperature:.3f})": after}
-    save_figure(calibration_figure(panels, "on the test set, temperature fitted on the validation split"), figure_path)
+    figure = calibration_figure(panels, "on the test set, temperature fitted on the validation split")
     checkpoint["hyper_parameters"]["temperature"] = temperature
-    SafeCheckpointIO().save_checkpoint(checkpoint, destination)  # last: a checkpoint there means all went well
+    # Both under temporary names until both are complete; the checkpoint is renamed into place first.
+    with atomic_write(figure_path) as figure_file, atomic_write(destination) as checkpoint_file:
+        write_figure(figure, figure_file, "png")
+        torch.save(checkpoint, checkpoint_file)
     return CalibrationResult(temperature, len(data.val_set), before, after, destination, figure_path)
+
+
+def check_calibration_outputs(source: Path, destination: Path, figure: Path, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that would replace the checkpoint being read, collide with each other,
+    or replace an existing file unasked. Files are compared as files (device and inode), not as path strings,
+    so `x/../x/a.ckpt` and a path through a linked folder are seen for what they are."""
+    if destination.suffix != ".ckpt":
+        raise UserError(
+            f"--output {destination}: a calibrated checkpoint is a .ckpt file (its diagrams go beside it as "
+            f"{figure.name}); give a name ending in .ckpt"
+        )
+    if same_file(destination, source):
+        raise UserError(
+            f"--output {destination} is the checkpoint being calibrated ({source}); it is never changed, choose another"
+        )
+    if same_file(figure, source):
+        raise UserError(f"--output {destination}: its diagrams {figure} would replace {source}; choose another")
+    for option, output in (("--output", destination), ("its diagrams", figure)):
+        ensure_output_path(output, "--output")
+        if output.exists() and not overwrite:
+            raise UserError(f"{output} exists ({option}); give another --output, or --overwrite true to replace it")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file, however they reach it (links, `..`); False if either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

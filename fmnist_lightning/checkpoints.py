@@ -1,11 +1,14 @@
 """Checkpoint files: written atomically, read with `weights_only` (unpickling could run code), checked to be
 this project's and finite, and never written for a run that has diverged (`DivergenceGuard`)."""
 
+import inspect
 import math
 import os
 import pickle
 import re
+import typing
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +69,15 @@ ALLOWED_NAME = re.compile(
     r"|torch\.optim(\.[a-z_]+)*\.[A-Z]\w*"
 )
 DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# Keys whose value LightningCLI and Lightning import, wherever they stand.
+IMPORTED_KEYS = frozenset({"class_path", "_class_path", "_instantiator"})
 
 
 def check_named_classes(settings: Any, path: str | os.PathLike) -> None:
-    """Refuse settings naming code outside `ALLOWED_NAME`: LightningCLI would import every dotted name in a
-    checkpoint's `hyper_parameters`, which `weights_only` does not stop."""
-    for name in _dotted_names(settings):
+    """Refuse settings naming code outside `ALLOWED_NAME`: LightningCLI would import every class path in a
+    checkpoint's `hyper_parameters`, which `weights_only` does not stop. A setting typed as text (a file
+    path such as `teacher.ckpt`) is never imported, so its value is data, whatever dots it has."""
+    for name in _imported_names(settings, text_settings=_text_settings()):
         if not ALLOWED_NAME.fullmatch(name):
             raise UserError(
                 f"refusing to load {path}: its settings name {name}, and loading them would import that code; "
@@ -79,18 +85,30 @@ def check_named_classes(settings: Any, path: str | os.PathLike) -> None:
             )
 
 
-def _dotted_names(value: Any) -> Any:
-    """Every string in nested settings that could be read as an import path."""
+def _text_settings() -> frozenset[str]:
+    """The model's settings whose type takes plain text (file paths): jsonargparse keeps such a string as it is."""
+    parameters = inspect.signature(FashionMNISTClassifier).parameters.values()
+    return frozenset(p.name for p in parameters if str in (typing.get_args(p.annotation) or (p.annotation,)))
+
+
+def _imported_names(value: Any, text_settings: frozenset[str] = frozenset()) -> Iterator[str]:
+    """Every string in nested settings that could be read as an import path: the value of an imported key, and
+    any dotted string, except directly under a top-level setting in `text_settings`."""
     if isinstance(value, str):
         if DOTTED_NAME.fullmatch(value.strip()):
             yield value.strip()
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _dotted_names(key)
-            yield from _dotted_names(item)
+            if key in IMPORTED_KEYS and isinstance(item, str):
+                yield item.strip()
+            elif key in text_settings and isinstance(item, str):
+                continue  # a path, never imported
+            else:
+                yield from _imported_names(key)
+                yield from _imported_names(item)
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from _dotted_names(item)
+            yield from _imported_names(item)
 
 
 def load_weights(model: nn.Module, checkpoint: dict[str, Any], path: str | os.PathLike) -> None:

@@ -3,6 +3,7 @@
 import argparse
 import inspect
 import logging
+import math
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning import CLASS_NAMES
 from fmnist_lightning.calibration import calibrate_checkpoint
@@ -25,7 +27,7 @@ from fmnist_lightning.callbacks import PredictionWriter
 from fmnist_lightning.checkpoints import DivergenceGuard, load_checkpoint, load_weights
 from fmnist_lightning.curves import FORMATS, draw_curves
 from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
-from fmnist_lightning.errors import UserError, one_line_message
+from fmnist_lightning.errors import STOPPED_EXIT_STATUS, Terminated, UserError, one_line_message, sigterm_raises
 from fmnist_lightning.export import FORMATS as EXPORT_FORMATS
 from fmnist_lightning.export import export_checkpoint
 from fmnist_lightning.loggers import ExtraLogger, extra_loggers
@@ -51,7 +53,7 @@ from fmnist_lightning.run_folders import (
     runs_root,
 )
 from fmnist_lightning.speed import configure_runtime, fastest_precision
-from fmnist_lightning.threads import ThreadsForFreeCores
+from fmnist_lightning.threads import ThreadsForFreeCores, fixed_thread_count
 
 DEBUG_ENV = "FMNIST_DEBUG"
 CLI_DESCRIPTION = (
@@ -63,7 +65,6 @@ CLI_DESCRIPTION = (
 )
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
-INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
 class FashionMNISTCLI(LightningCLI):
@@ -291,8 +292,9 @@ def calibrate_command(args: list[str]) -> None:
     parser.add_argument("--output", help="checkpoint to write (default: CKPT's name with -calibrated, beside it)")
     parser.add_argument("--data_dir", help="Fashion-MNIST folder (default: the checkpoint's run's data.data_dir)")
     parser.add_argument("--system_dir", help="the system's copy of the files (default: the run's data.system_dir)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --output and its diagrams")
     config = parser.parse_args(args)
-    result = calibrate_checkpoint(config.ckpt_path, config.output, config.data_dir, config.system_dir)
+    result = calibrate_checkpoint(config.ckpt_path, config.output, config.data_dir, config.system_dir, config.overwrite)
     print(f"temperature:      {result.temperature:.4f} (fitted on {result.validation_images:,} validation images)")
     for label, summary in (("test before:", result.before), ("test after:", result.after)):
         print(
@@ -323,6 +325,7 @@ def demo_command(args: list[str]) -> None:
         raise UserError(f"--port must be between 1 and 65535, got {config.port}")
     if not 1 <= config.top_k <= len(CLASS_NAMES):
         raise UserError(f"--top_k must be between 1 and {len(CLASS_NAMES)}, got {config.top_k}")
+    demo.host_family(config.host)  # refuses a host that is no address, before the model is loaded
     with demo.offline_gradio():  # before Gradio is imported: it reads these settings then
         try:
             import gradio  # noqa: F401
@@ -341,30 +344,57 @@ def demo_command(args: list[str]) -> None:
 def lr_find_command(args: list[str]) -> None:
     """`fmnist lr_find --config CONFIG [--min_lr --max_lr --num_training]`: Lightning's learning-rate finder for
     the configured model, data and optimizer; the plot goes to a run folder, the suggestion is printed."""
-    options = argparse.ArgumentParser(prog="fmnist lr_find", description=lr_find_command.__doc__, add_help=False)
+    options = argparse.ArgumentParser(
+        prog="fmnist lr_find", description=lr_find_command.__doc__, add_help=False, exit_on_error=False
+    )
     options.add_argument("--min_lr", type=float, default=1e-6)
     options.add_argument("--max_lr", type=float, default=1.0)
     options.add_argument("--num_training", type=int, default=100, help="training steps the search takes")
     finder_settings, rest = options.parse_known_args(args)
+    check_finder_range(finder_settings.min_lr, finder_settings.max_lr, finder_settings.num_training)
     cli = lightning_command(rest, run=False)
-    finder = Tuner(cli.trainer).lr_find(
-        cli.model, datamodule=cli.datamodule, update_attr=False, **vars(finder_settings)
-    )  # the optimizer's learning rate is swept by Lightning's own schedule; the model keeps its setting
-    suggestion = finder.suggestion() if finder is not None else None
-    import matplotlib.pyplot as plt  # only now: the other commands never pay for matplotlib's import
+    take_back = next(callback for callback in cli.trainer.callbacks if isinstance(callback, TakeBackRunFolders))
+    try:
+        finder = Tuner(cli.trainer).lr_find(
+            cli.model, datamodule=cli.datamodule, update_attr=False, **vars(finder_settings)
+        )  # the optimizer's learning rate is swept by Lightning's own schedule; the model keeps its setting
+        suggestion = finder.suggestion() if finder is not None else None
+        if suggestion is None:
+            raise UserError(
+                "the learning-rate finder found no clear minimum (the loss blew up early, or too few steps "
+                "were left); try a lower --max_lr or more --num_training steps"
+            )
+        import matplotlib.pyplot as plt  # only now: the other commands never pay for matplotlib's import
 
-    from fmnist_lightning.plots import save_figure
+        from fmnist_lightning.plots import save_figure
 
-    folder = run_folder(cli.trainer)
-    figure = finder.plot(suggest=suggestion is not None)  # Lightning draws it with pyplot
-    save_figure(figure, folder / "lr_find.png")
-    plt.close(figure)
+        folder = run_folder(cli.trainer)
+        figure = finder.plot(suggest=True)  # Lightning draws it with pyplot
+        save_figure(figure, folder / "lr_find.png")
+        plt.close(figure)
+    except BaseException:  # nothing left behind: the run folder and its config.yaml go too
+        take_back.take_back()
+        raise
     print(f"lr_find plot:     {folder / 'lr_find.png'}")
-    if suggestion is None:
-        raise UserError(
-            "the learning-rate finder found no clear minimum; try more --num_training steps or another range"
-        )
     print(f"suggested lr:     {suggestion:.3g} (set it as model.optimizer.init_args.lr)")
+
+
+# Lightning's suggestion leaves out the first 10 losses and the last one, and needs two to take a slope.
+FINDER_MIN_STEPS = 13
+
+
+def check_finder_range(min_lr: float, max_lr: float, num_training: int) -> None:
+    """Refuse a search range the finder cannot sweep before anything runs."""
+    if not 0 < min_lr < max_lr or not math.isfinite(max_lr):
+        raise UserError(
+            f"lr_find sweeps from --min_lr up to --max_lr, both positive: got {min_lr:g} and {max_lr:g}; "
+            "give for example --min_lr 1e-6 --max_lr 1"
+        )
+    if num_training < FINDER_MIN_STEPS:
+        raise UserError(
+            f"--num_training {num_training} is too few steps for a suggestion; give at least {FINDER_MIN_STEPS} "
+            "(the default is 100)"
+        )
 
 
 TOOL_COMMANDS = {
@@ -399,22 +429,32 @@ def lightning_command(args: list[str] | None, run: bool = True) -> FashionMNISTC
                 "callbacks": [DivergenceGuard(), RandomState(), keep_last, Timer(), ThreadsForFreeCores()]
             },
         )
-    except SystemExit:  # Lightning's orderly stop after SIGTERM, or its exit after a second Ctrl-C
+    except SystemExit as stop:  # Lightning's orderly stop after SIGTERM, or its exit after a second Ctrl-C
+        # A stopped run must not pass for a finished one (`fit ... && test ...`, a scheduler): the shells' status.
         if keep_last.interrupted:
-            raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
+            raise SystemExit(STOPPED_EXIT_STATUS[KeyboardInterrupt]) from None
+        if isinstance(stop, SIGTERMException):
+            raise SystemExit(STOPPED_EXIT_STATUS[Terminated]) from None
         raise
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; a user's error is one line on stderr and exit status 2 (FMNIST_DEBUG=1: the traceback)."""
+    """Run the CLI; a user's error is one line on stderr and exit status 2 (FMNIST_DEBUG=1: the traceback).
+    A tool command stopped by Ctrl-C or SIGTERM cleans up, says so in one line and exits 130 or 143."""
     quiet_lightning_noise()
     argv = sys.argv[1:] if args is None else args
     try:
+        fixed_thread_count()  # a bad OMP_NUM_THREADS is refused before anything runs
         if argv and argv[0] in TOOL_COMMANDS:
-            TOOL_COMMANDS[argv[0]](argv[1:])
+            with sigterm_raises():
+                TOOL_COMMANDS[argv[0]](argv[1:])
         else:
             lightning_command(args)
             end_distributed_run()
+    except (KeyboardInterrupt, Terminated) as stop:
+        cause = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        print(f"fmnist: stopped by {cause}; no file was left half-written", file=sys.stderr)
+        sys.exit(STOPPED_EXIT_STATUS[type(stop)])
     except Exception as error:
         message = one_line_message(error)
         if message is None or os.environ.get(DEBUG_ENV):

@@ -1,6 +1,7 @@
 """`fmnist plot`: accuracy and loss curves of one run, or of several runs compared, as image files."""
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def draw_curves(
     if unknown := sorted(set(formats) - set(FORMATS)):
         raise UserError(f"unknown image format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     metrics = _read_runs(runs)
+    for run in metrics:
+        for name, epochs in run.non_finite().items():
+            listed = ", ".join(str(epoch + 1) for epoch in epochs)
+            print(
+                f"fmnist: warning: {run.path}: {name} is NaN or inf at epoch{'s' if len(epochs) > 1 else ''} "
+                f"{listed} (counted from 1); those points are left out of the curves",
+                file=sys.stderr,
+            )
     destination = Path(out) if out is not None else _default_folder(metrics)
     ensure_output_path(destination, "--out", is_folder=True)
     destination.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
             )
         if stage in ("fit", "validate") and self.train_set is None:
             self.train_set, self.val_set = self._split(load_split(self.data_dir, train=True))
+        if stage == "fit" and self.batch_size > len(self.train_set):
+            raise UserError(
+                f"data.batch_size {self.batch_size:,} is more than the {len(self.train_set):,} training images: "
+                f"every epoch would be one smaller batch; choose at most {len(self.train_set):,}"
+            )
         if (stage == "test" or (stage == "predict" and not self.predict_paths)) and self.test_set is None:
             self.test_set = self._on_device(load_split(self.data_dir, train=False))
 

@@ -1,8 +1,11 @@
 """`fmnist demo`: a local Gradio app to try a checkpoint on pictures, explore its test-set mistakes and compare
 runs. Offline by design: no telemetry, no share links, no fonts or scripts fetched from the internet."""
 
+import errno
 import inspect
+import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -197,13 +200,42 @@ def _skipped_note(skipped: list[str]) -> str:
     return f" Not drawn: {'; '.join(skipped)}." if skipped else ""
 
 
+# A host name: dot-separated labels of letters, digits and inner hyphens (RFC 1123).
+HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_NAME = re.compile(rf"(?=.{{1,253}}$){HOST_LABEL}(\.{HOST_LABEL})*")
+
+
+def host_family(host: str) -> socket.AddressFamily:
+    """The address family to serve `host` on; a value that is no IP address or host name is refused."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        pass
+    numeric = all(label.isdigit() for label in host.split("."))  # 999.1.2.3 is a bad address, not a name
+    if not HOST_NAME.fullmatch(host) or numeric:
+        raise UserError(
+            f"--host {host!r} is not an address to serve on; give an IP address such as 127.0.0.1 (this machine "
+            "only) or 0.0.0.0 (every network), or a host name"
+        )
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise UserError(f"--host {host}: {error.strerror}; give an IP address such as 127.0.0.1") from None
+
+
 def ensure_port_free(host: str, port: int) -> None:
-    """Refuse a port already in use before anything starts, with one line."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    """Refuse a host that is no address of this machine, or a port already in use, before anything starts."""
+    with socket.socket(host_family(host)) as probe:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise UserError(f"cannot serve on {host}:{port}: {error.strerror}; choose another --port") from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                hint = f"--host {host} is not an address of this machine; give 127.0.0.1 or 0.0.0.0"
+            elif error.errno == errno.EACCES:
+                hint = "ports below 1024 need root; choose another --port"
+            else:
+                hint = "choose another --port"
+            raise UserError(f"cannot serve on {host}:{port}: {error.strerror}; {hint}") from None
 
 
 @contextmanager

@@ -1,6 +1,10 @@
 """Errors a user can fix, and the one place that turns them into the CLI's one-line messages."""
 
+import signal
 from argparse import ArgumentError
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -15,6 +19,29 @@ class UserError(Exception):
 
 class DataError(UserError):
     """The Fashion-MNIST files are missing, unreachable or damaged."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that every `finally` and temporary file is cleaned up on the way
+    out (as Ctrl-C's KeyboardInterrupt is); not an Exception, so that no `except Exception` swallows it."""
+
+
+# 128 + the signal's number: what shells and schedulers report for a command stopped by that signal
+STOPPED_EXIT_STATUS = {KeyboardInterrupt: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM}
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` instead of ending the process on the spot."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line_message(error: BaseException) -> str | None:

@@ -2,6 +2,7 @@
 land on separate rows, `_step`/`_epoch` columns split a metric, and a resumed run may log an epoch twice."""
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,12 @@ class RunMetrics:
         """Epochs (0-based, ascending) and values of one per-epoch metric; empty if never logged."""
         points = sorted(self.epochs.get(name, {}).items())
         return [epoch for epoch, _ in points], [value for _, value in points]
+
+    def non_finite(self) -> dict[str, list[int]]:
+        """Per-epoch metrics that hold NaN or inf, with those epochs (0-based): a plot cannot draw them."""
+        found = {name: [epoch for epoch, value in sorted(values.items()) if not math.isfinite(value)]
+                 for name, values in self.epochs.items()}  # fmt: skip
+        return {name: epochs for name, epochs in found.items() if epochs}
 
 
 def metrics_files(path: str | os.PathLike) -> list[Path]:

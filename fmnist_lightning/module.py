@@ -20,6 +20,14 @@ from fmnist_lightning.graphed import CudaGraphTraining
 from fmnist_lightning.network import InputScaling, MobileNetV2Classifier, original_cnn, preact_resnet
 
 STAGES = ("train", "val", "test")
+# Settings of one architecture only, with their value that means "not used": set for another, they are refused.
+ARCHITECTURE_SETTINGS = {
+    "batch_norm": ("original", False),
+    "dropout": ("original", 0.0),
+    "depth": ("resnet", 20),
+    "width": ("resnet", 16),
+    "pretrained": ("mobilenet_v2", False),
+}
 
 
 class FashionMNISTClassifier(LightningModule):
@@ -92,6 +100,8 @@ class FashionMNISTClassifier(LightningModule):
         self.distill_weight = distill_weight
         self.teacher: FashionMNISTClassifier | None = None  # loaded when fit starts; never saved with the model
         self.input_scaling = InputScaling(normalize)
+        given = {"batch_norm": batch_norm, "dropout": dropout, "depth": depth, "width": width, "pretrained": pretrained}
+        check_architecture_settings(architecture, given)
         try:
             if not distill_temperature > 0 or not 0 <= distill_weight <= 1:
                 raise ValueError(f"distill_temperature must be > 0 and distill_weight in [0, 1], got "
@@ -228,6 +238,18 @@ class FashionMNISTClassifier(LightningModule):
             warmup = round(self.warmup_epochs * total_steps / max(1, self.trainer.max_epochs))
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup, total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_architecture_settings(architecture: str, settings: dict[str, Any]) -> None:
+    """Refuse a setting of another architecture than the chosen one: it would be ignored without a word."""
+    for name, value in settings.items():
+        owner, unused = ARCHITECTURE_SETTINGS[name]
+        rates = value if isinstance(value, list | tuple) else [value]
+        if owner != architecture and not all(rate == unused for rate in rates):
+            raise UserError(
+                f"model.{name} {value!r} only applies to model.architecture {owner}, and this run's is "
+                f"{architecture}; leave it out, or set --model.architecture {owner}"
+            )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, step: int) -> float:

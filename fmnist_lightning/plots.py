@@ -3,6 +3,7 @@ Built without pyplot, so drawing is headless everywhere and leaves no global sta
 
 import os
 from collections.abc import Sequence
+from typing import IO
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -111,9 +112,13 @@ def image_grid_figure(
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> None:
     """Write a figure (format from the suffix: .png or .svg) through a temporary file."""
-    suffix = os.fspath(path).rsplit(".", 1)[-1]
     with atomic_write(path) as file:
-        figure.savefig(file, format=suffix, dpi=DPI)
+        write_figure(figure, file, os.fspath(path).rsplit(".", 1)[-1])
+
+
+def write_figure(figure: Figure, file: IO[bytes], image_format: str) -> None:
+    """Write a figure into an open binary file (one `atomic_write` gives)."""
+    figure.savefig(file, format=image_format, dpi=DPI)
 
 
 def calibration_figure(panels: dict[str, CalibrationSummary], subtitle: str | None = None) -> Figure:

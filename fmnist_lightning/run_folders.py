@@ -110,5 +110,9 @@ class TakeBackRunFolders(L.Callback):
         self.folders = folders
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.take_back()
+
+    def take_back(self) -> None:
+        """Remove the claimed folders that hold no checkpoint or metrics (also for failures outside the Trainer)."""
         for folder in self.folders:
             remove_unfinished_run_folder(folder)

@@ -1,5 +1,9 @@
 """CPU threads for the cores other processes leave free: two processes each spinning all cores' worth of
-OpenMP threads wait on each other at every barrier and run many times slower (docs/performance.md)."""
+OpenMP threads wait on each other at every barrier and run many times slower (docs/performance.md).
+
+The thread count changes a run's last digits, so it only adapts where the run asks for no bit-identical
+repeats: not with `trainer.deterministic` (then it stays torch's, one per core) nor with OMP_NUM_THREADS set.
+"""
 
 import os
 import time
@@ -9,9 +13,25 @@ from typing import Any
 import lightning as L
 import torch
 
+from fmnist_lightning.errors import UserError
+
 FIXED_THREADS_ENV = "OMP_NUM_THREADS"  # set: the user chose the thread count, nothing adapts
 CHECK_SECONDS = 1.0
 Usage = tuple[float, float, float]  # (seconds of CPU busy on the whole machine, of this process, wall clock)
+
+
+def fixed_thread_count() -> int | None:
+    """The thread count OMP_NUM_THREADS fixes, None where it is unset; a value that is no count is refused
+    (OpenMP and torch would each warn and pick a count of their own)."""
+    value = os.environ.get(FIXED_THREADS_ENV)
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(
+            f"{FIXED_THREADS_ENV}={value!r} is not a thread count; set a whole number of at least 1 (such as "
+            f"{os.cpu_count() or 1}), or unset it to let the threads follow the free cores"
+        )
+    return int(value)
 
 
 def cpu_usage() -> Usage | None:
@@ -33,9 +53,9 @@ def cpu_usage() -> Usage | None:
 class ThreadsForFreeCores(L.Callback):
     """On the CPU, about once a second: as many torch threads as the cores other processes leave free.
 
-    Fewer threads when others keep cores busy, all of them again once they stop. Set OMP_NUM_THREADS to
-    fix the count: the thread count changes a run's last digits, so a busy machine otherwise breaks
-    bit-identical repeats.
+    Fewer threads when others keep cores busy, all of them again once they stop. Off, so that a busy machine
+    cannot change a number, when the run is deterministic (`trainer.deterministic`, which turns torch's
+    deterministic algorithms on) or OMP_NUM_THREADS fixes the count.
     """
 
     def __init__(self, usage: Callable[[], Usage | None] = cpu_usage, cores: int | None = None) -> None:
@@ -49,12 +69,17 @@ class ThreadsForFreeCores(L.Callback):
         self.max_threads = torch.get_num_threads()
         self._last, self._next_check = None, 0.0
 
+    @property
+    def adapting(self) -> bool:
+        """Whether the count may change: neither fixed by OMP_NUM_THREADS nor frozen by a deterministic run."""
+        return fixed_thread_count() is None and not torch.are_deterministic_algorithms_enabled()
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if FIXED_THREADS_ENV not in os.environ:
+        if self.adapting:
             torch.set_num_threads(self.max_threads)
 
     def _check(self, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type != "cpu" or FIXED_THREADS_ENV in os.environ or time.monotonic() < self._next_check:
+        if pl_module.device.type != "cpu" or not self.adapting or time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + CHECK_SECONDS
         sample = self.usage()

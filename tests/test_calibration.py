@@ -4,6 +4,8 @@ import csv
 import hashlib
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -140,8 +142,20 @@ def test_calibrate_end_to_end_and_every_command_uses_the_temperature(tiny_checkp
                                      "--system_dir", str(tmp / "no-system-copy")],
             "Fashion-MNIST",
         ),
+        (lambda tmp, ckpt, data: ["--ckpt_path", str(ckpt), "--output", str(ckpt.parent / ".." / ckpt.parent.name
+                                                                           / ckpt.name)], "is the checkpoint being"),
+        (lambda tmp, ckpt, data: ["--ckpt_path", str(ckpt), "--output", str(_linked_folder(tmp, ckpt) / ckpt.name)],
+         "is the checkpoint being"),
+        (lambda tmp, ckpt, data: ["--ckpt_path", str(ckpt), "--output", str(tmp / "model.png")],
+         "a calibrated checkpoint is a .ckpt file (its diagrams go beside it as model.png)"),
+        (lambda tmp, ckpt, data: ["--ckpt_path", str(ckpt), "--output", str(_existing(tmp / "out.ckpt"))],
+         "out.ckpt exists (--output); give another --output, or --overwrite true to replace it"),
+        (lambda tmp, ckpt, data: ["--ckpt_path", str(ckpt), "--output", str(_existing(tmp / "out.png").with_suffix(
+            ".ckpt"))], "out.png exists (its diagrams); give another --output, or --overwrite true"),
     ],
-    ids=["not this project's checkpoint", "output over its own checkpoint", "no training files"],
+    ids=["not this project's checkpoint", "output over its own checkpoint", "no training files",
+         "output over its own checkpoint through ..", "output over its own checkpoint through a linked folder",
+         "output named like its diagrams", "output exists", "diagrams exist"],
 )  # fmt: skip
 def test_calibrate_refuses_bad_input_with_one_line(tiny_checkpoint, tiny_data_dir, tmp_path, make_args, message):
     args = make_args(tmp_path, tiny_checkpoint, tiny_data_dir)
@@ -165,3 +179,48 @@ def _test_files_only(tmp_path, data_dir):
     for source in (data_dir / "FashionMNIST" / "raw").glob("t10k-*"):
         (raw / source.name).write_bytes(source.read_bytes())
     return tmp_path / "partial"
+
+
+def _linked_folder(tmp_path, checkpoint):
+    (tmp_path / "link").symlink_to(checkpoint.parent, target_is_directory=True)
+    return tmp_path / "link"
+
+
+def _existing(path):
+    path.write_bytes(b"kept")
+    return path
+
+
+@pytest.mark.parametrize(("stop", "status", "cause"), [("sigterm", 143, "SIGTERM"), ("ctrl-c", 130, "Ctrl-C")])
+def test_calibrate_stopped_while_writing_leaves_nothing_half_written(
+    tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch, stop, status, cause
+):
+    from fmnist_lightning import plots
+
+    def interrupted_while_drawing(figure, file, image_format):
+        file.write(b"half a picture")
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, through the command's own handler
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "write_figure", interrupted_while_drawing)
+    checkpoint = tmp_path / "run" / "best.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    before = tree_snapshot(tmp_path)
+    result = run_main("calibrate", "--ckpt_path", str(checkpoint), "--data_dir", str(tiny_data_dir), cwd=tmp_path,
+                      check=False)  # fmt: skip
+    assert result.returncode == status
+    assert result.stderr.strip().splitlines() == [f"fmnist: stopped by {cause}; no file was left half-written"]
+    assert tree_snapshot(tmp_path) == before and sorted(p.name for p in checkpoint.parent.iterdir()) == ["best.ckpt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone with it
+
+
+def test_calibrate_overwrite_replaces_its_own_earlier_output(tiny_checkpoint, tiny_data_dir, tmp_path):
+    args = ["calibrate", "--ckpt_path", str(tiny_checkpoint), "--data_dir", str(tiny_data_dir)]
+    output = ["--output", str(tmp_path / "calibrated.ckpt")]
+    run_main(*args, *output, cwd=tmp_path)
+    again = run_main(*args, *output, cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "calibrated.ckpt exists (--output)" in again.stderr
+    run_main(*args, *output, "--overwrite", "true", cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrated.ckpt", "calibrated.png"]

@@ -155,11 +155,20 @@ def plant(checkpoint, where):
         settings["_class_path"] = name
     elif where == "instantiator":
         settings["_instantiator"] = f"{MARKER_MODULE}.instantiate"
+    elif where == "a path setting as a class":
+        settings["teacher"] = {"class_path": name}
 
 
 @pytest.mark.parametrize(
     "where",
-    ["optimizer class_path", "optimizer as a dotted string", "nested in init_args", "model class", "instantiator"],
+    [
+        "optimizer class_path",
+        "optimizer as a dotted string",
+        "nested in init_args",
+        "model class",
+        "instantiator",
+        "a path setting as a class",
+    ],
 )
 def test_a_checkpoint_naming_other_code_is_refused_before_any_import(
     tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch, where
@@ -184,3 +193,24 @@ def test_the_classes_this_project_writes_are_accepted(tiny_checkpoint, tmp_path)
     checkpoint["hyper_parameters"]["_class_path"] = "fmnist_lightning.module.FashionMNISTClassifier"
     torch.save(checkpoint, tmp_path / "ok.ckpt")
     assert load_checkpoint(tmp_path / "ok.ckpt")["hyper_parameters"]["optimizer"]["class_path"] == "torch.optim.AdamW"
+
+
+def test_settings_that_are_file_names_are_never_taken_for_code(tiny_checkpoint, tmp_path):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"] |= {"teacher": "teacher.ckpt", "pretrained": "mobilenet_v2.pt"}
+    torch.save(checkpoint, tmp_path / "student.ckpt")
+    assert load_checkpoint(tmp_path / "student.ckpt")["hyper_parameters"]["teacher"] == "teacher.ckpt"
+
+
+def test_a_student_taught_by_a_teacher_named_without_a_folder_is_tested_after_fit(
+    tiny_checkpoint, tiny_data_dir, tmp_path
+):
+    (tmp_path / "teacher.ckpt").write_bytes(tiny_checkpoint.read_bytes())
+    teacher = ["--model.teacher", "teacher.ckpt"]
+    fit = ["fit", *tiny_fit_args(tiny_data_dir, epochs=1), *teacher]
+    result = run_main(*fit, "--test_after_fit", "true", cwd=tmp_path)
+    assert "test:             accuracy" in result.stdout
+    last = tmp_path / "runs" / "base" / "version_0" / "checkpoints" / "last.ckpt"
+    run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(last), cwd=tmp_path)
+    # resuming reads the student's settings too
+    run_main("fit", *tiny_fit_args(tiny_data_dir, epochs=2), *teacher, "--ckpt_path", str(last), cwd=tmp_path)

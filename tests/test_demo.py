@@ -112,8 +112,28 @@ def test_the_runs_tab_draws_the_chosen_runs(workspace):
         (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--port", str(_busy_port(tmp))], "cannot serve on 127.0.0.1"),
         (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--port", "70000"], "--port must be between 1 and 65535"),
         (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--top_k", "0"], "--top_k must be between 1 and 10"),
+        (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--host", ""], "--host '' is not an address to serve on"),
+        (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--host", "not a host"], "is not an address to serve on"),
+        (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--host", "999.1.2.3"], "is not an address to serve on"),
+        (lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--host", "http://127.0.0.1"], "is not an address to serve"),
+        (
+            lambda tmp, ckpt: ["--ckpt_path", str(ckpt), "--host", "192.0.2.1"],  # TEST-NET-1: never this machine's
+            "cannot serve on 192.0.2.1:7860: Cannot assign requested address; --host 192.0.2.1 is not an address of "
+            "this machine",
+        ),
     ],
-    ids=["missing checkpoint", "no run for last", "port in use", "port out of range", "top_k out of range"],
+    ids=[
+        "missing checkpoint",
+        "no run for last",
+        "port in use",
+        "port out of range",
+        "top_k out of range",
+        "empty host",
+        "host with spaces",
+        "host not an IPv4 address",
+        "host a URL",
+        "host of another machine",
+    ],
 )
 def test_the_demo_refuses_before_serving(tiny_checkpoint, tmp_path, make_args, message):
     args = make_args(tmp_path, tiny_checkpoint)

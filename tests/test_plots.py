@@ -141,3 +141,14 @@ def test_image_grid_colours_captions_by_correctness():
     titles = [(ax.get_title(), ax.title.get_color()) for ax in figure.axes if ax.get_title()]
     assert titles == [("a", "tab:green"), ("b", "tab:red"), ("c", "tab:green")]
     assert len(figure.axes) == 4  # 2x2 grid, the last one empty
+
+
+def test_nan_and_inf_points_are_named_when_they_are_left_out(tmp_path, capsys):
+    run = write_run(tmp_path / "r", LOG.replace("0.80,0.60", "0.80,nan").replace("0.84,0.50", "0.84,inf"))
+    main(["plot", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"fmnist: warning: {run / 'metrics.csv'}: val_loss is NaN or inf at epochs 2, 3 (counted from 1); "
+        "those points are left out of the curves"
+    ]
+    assert (run / "loss.png").is_file()

@@ -168,6 +168,31 @@ REFUSED = {
         "runs/base/version_0 is a folder; give the path of a .ckpt file, e.g. "
         "runs/base/version_0/checkpoints/last.ckpt",
     ),
+    # the newer commands and settings (third round)
+    "lr_find from 0": (command("lr_find", "--min_lr", "0"), "lr_find sweeps from --min_lr up to --max_lr, both"),
+    "lr_find from a negative rate": (command("lr_find", "--min_lr=-1e-3"), "both positive: got -0.001 and 1"),
+    "lr_find up to a negative rate": (command("lr_find", "--max_lr=-1"), "both positive: got 1e-06 and -1"),
+    "lr_find range upside down": (command("lr_find", "--min_lr", "0.1", "--max_lr", "0.01"), "got 0.1 and 0.01"),
+    "lr_find no steps": (command("lr_find", "--num_training", "0"), "--num_training 0 is too few steps"),
+    "lr_find one step": (command("lr_find", "--num_training", "1"), "give at least 13 (the default is 100)"),
+    "lr_find negative steps": (command("lr_find", "--num_training=-5"), "--num_training -5 is too few steps"),
+    "lr_find rate not a number": (
+        command("lr_find", "--min_lr", "abc"),
+        "argument --min_lr: invalid float value: 'abc' (see `fmnist SUBCOMMAND --help` for the options)",
+    ),
+    "a resnet depth for the original network": (
+        command("fit", "--model.depth", "21"),
+        "model.depth 21 only applies to model.architecture resnet, and this run's is original",
+    ),
+    "a resnet width for the original network": (command("fit", "--model.width", "8"), "model.width 8 only applies"),
+    "a batch larger than the training split": (
+        command("fit", "--data.batch_size", "1000000"),
+        "data.batch_size 1,000,000 is more than the 320 training images: every epoch would be one smaller batch",
+    ),
+    "a teacher that does not exist": (
+        command("fit", "--model.teacher", "no-teacher.ckpt"),
+        "checkpoint no-teacher.ckpt does not exist",
+    ),
     # from the first round
     "unknown config key": (lambda root: [*data_args(root), "--model.dropuot", "0.5"], "--model.dropuot"),
     "wrong type": (lambda root: [*data_args(root), "--trainer.max_epochs", "ten"], "trainer.max_epochs"),
@@ -346,3 +371,19 @@ def test_debug_variable_shows_the_traceback(workspace, tmp_path):
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert str(REPO) in result.stderr or "fmnist_lightning" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", ""])
+def test_a_bad_thread_count_is_refused_before_anything_runs(workspace, tmp_path, monkeypatch, value):
+    root = tmp_path / "ws"
+    shutil.copytree(workspace, root)
+    before = tree_snapshot(root)
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    result = run_main(*data_args(root), cwd=root, check=False)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"fmnist: error: OMP_NUM_THREADS={value!r} is not a thread count; set a whole number of at least 1")
+    )
+    assert tree_snapshot(root) == before

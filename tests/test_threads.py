@@ -5,16 +5,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fmnist_lightning.threads import FIXED_THREADS_ENV, ThreadsForFreeCores, cpu_usage
+from fmnist_lightning.errors import UserError
+from fmnist_lightning.threads import FIXED_THREADS_ENV, ThreadsForFreeCores, cpu_usage, fixed_thread_count
 
 
 @pytest.fixture
 def two_threads(monkeypatch):
     monkeypatch.delenv(FIXED_THREADS_ENV, raising=False)
-    before = torch.get_num_threads()
+    before, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(False)  # a deterministic run keeps its thread count (tested below)
     yield
     torch.set_num_threads(before)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def test_the_thread_count_follows_the_free_cores_without_flapping(two_threads):
@@ -58,3 +61,22 @@ def test_cpu_usage_reads_this_machine():
     assert usage is not None  # Linux
     busy, own, now = usage
     assert busy > 0 and own > 0 and now > 0
+
+
+def test_a_deterministic_run_keeps_its_thread_count_whatever_else_runs(two_threads):
+    samples = iter([(0.0, 0.0, 0.0), (2.0, 0.0, 1.0)])  # both cores busy elsewhere
+    threads = ThreadsForFreeCores(usage=lambda: next(samples), cores=2)
+    torch.use_deterministic_algorithms(True)  # what trainer.deterministic: true does
+    for _ in range(2):
+        threads._next_check = 0.0
+        threads.on_train_batch_start(None, SimpleNamespace(device=torch.device("cpu")), None, 0)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", "1.5"])
+def test_a_thread_count_that_is_no_count_is_refused_with_one_line(monkeypatch, value):
+    monkeypatch.setenv(FIXED_THREADS_ENV, value)
+    with pytest.raises(UserError, match=f"OMP_NUM_THREADS={value!r} is not a thread count; set a whole number"):
+        fixed_thread_count()
+    monkeypatch.setenv(FIXED_THREADS_ENV, " 3")
+    assert fixed_thread_count() == 3
