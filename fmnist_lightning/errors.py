@@ -1,12 +1,14 @@
 """Errors a user can fix, and the one place that turns them into the CLI's one-line messages."""
 
 import signal
+import sys
 from argparse import ArgumentError
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 MAX_MESSAGE = 300
 # Packages a config may need that are optional extras (a Lightning logger, the demo): module -> extra.
@@ -42,6 +44,13 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@rank_zero_only
+def warn(message: str) -> None:
+    """A warning the user can act on, as one `fmnist: warning:` line on stderr, from the first process only
+    (Lightning's `rank_zero_warn` would add a file and line number the user has no use for)."""
+    print(f"fmnist: warning: {message}", file=sys.stderr, flush=True)
 
 
 def one_line_message(error: BaseException) -> str | None:

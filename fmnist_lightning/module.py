@@ -1,6 +1,8 @@
 """The LightningModule: the original network, its loss, its metrics and its optimizer."""
 
+import inspect
 import math
+import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
@@ -9,25 +11,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable, instantiate_module
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fmnist_lightning.batches import Batch
-from fmnist_lightning.data import NUM_CLASSES
+from fmnist_lightning.data.batches import Batch
+from fmnist_lightning.data.datamodule import NUM_CLASSES
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.graphed import CudaGraphTraining
-from fmnist_lightning.network import InputScaling, MobileNetV2Classifier, original_cnn, preact_resnet
+from fmnist_lightning.network import InputScaling, build_network
+from fmnist_lightning.training.checkpoints import first_line, load_checkpoint, load_weights
+from fmnist_lightning.training.graphed import CudaGraphTraining
+from fmnist_lightning.training.settings import ARCHITECTURE_SETTINGS
 
 STAGES = ("train", "val", "test")
-# Settings of one architecture only, with their value that means "not used": set for another, they are refused.
-ARCHITECTURE_SETTINGS = {
-    "batch_norm": ("original", False),
-    "dropout": ("original", 0.0),
-    "depth": ("resnet", 20),
-    "width": ("resnet", 16),
-    "pretrained": ("mobilenet_v2", False),
-}
 
 
 class FashionMNISTClassifier(LightningModule):
@@ -35,6 +31,11 @@ class FashionMNISTClassifier(LightningModule):
 
     Metrics update every step and are logged once per epoch (`{stage}_acc`, `{stage}_loss`), so a step
     never waits for the host. Options beyond the original are off; speed-only settings are on.
+
+    On a single GPU with `cuda_graph` (the default), `training/graphed.py`'s `CudaGraphTraining` replaces this
+    instance's `training_step`, `backward` and `optimizer_zero_grad` for the fit: it replays `training_step`
+    below and its backward pass as one CUDA graph. The numbers are the same; the step you read is the one that
+    is captured. On a CPU, or with `--model.cuda_graph false`, the methods below run as written.
 
     Args:
         optimizer: Built from the model's parameters; Adam with lr 1e-3 like the original.
@@ -101,18 +102,12 @@ class FashionMNISTClassifier(LightningModule):
         self.teacher: FashionMNISTClassifier | None = None  # loaded when fit starts; never saved with the model
         self.input_scaling = InputScaling(normalize)
         given = {"batch_norm": batch_norm, "dropout": dropout, "depth": depth, "width": width, "pretrained": pretrained}
-        check_architecture_settings(architecture, given)
+        check_architecture_settings(architecture, given, self.default_settings())
         try:
             if not distill_temperature > 0 or not 0 <= distill_weight <= 1:
                 raise ValueError(f"distill_temperature must be > 0 and distill_weight in [0, 1], got "
                                  f"{distill_temperature} and {distill_weight}")  # fmt: skip
-            if architecture == "mobilenet_v2":
-                self.network = MobileNetV2Classifier(NUM_CLASSES, pretrained)
-            elif architecture == "resnet":
-                self.network = preact_resnet(NUM_CLASSES, depth, width)
-            else:
-                rates = [dropout] * 4 if isinstance(dropout, int | float) else list(dropout)
-                self.network = original_cnn(NUM_CLASSES, pool_before_relu, batch_norm, rates)
+            self.network = build_network(architecture, NUM_CLASSES, pool_before_relu, **given)
         except ValueError as error:
             raise UserError(f"model: {error}") from None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -129,6 +124,24 @@ class FashionMNISTClassifier(LightningModule):
                 metric.persistent(True)
         # The fit-start summary shows each layer's output shape, like Keras's (two images for BatchNorm).
         self.example_input_array = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> tuple["FashionMNISTClassifier", dict[str, Any]]:
+        """The model a checkpoint was trained with (its saved settings, its weights), in eval mode, and the
+        checkpoint itself, read once, for callers that want more of it. Read safely (`load_checkpoint`)."""
+        checkpoint = load_checkpoint(path)
+        settings = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key[0] != "_"}
+        try:
+            model = instantiate_module(cls, settings)
+        except Exception as error:  # jsonargparse reports unknown or ill-typed settings in many ways
+            raise UserError(f"{path} was not saved by this project's model ({first_line(error)})") from error
+        load_weights(model, checkpoint, path)
+        return model.eval(), checkpoint
+
+    @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """Every setting's default, from the signature (the settings table says what kind each is)."""
+        return {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of 28x28 grayscale images (uint8 0-255, or float in [0, 1])."""
@@ -180,9 +193,7 @@ class FashionMNISTClassifier(LightningModule):
     def on_fit_start(self) -> None:
         """Load the teacher: only for training, so that scoring a student never needs its teacher's file."""
         if self.teacher_path:
-            from fmnist_lightning.checkpoints import model_from_checkpoint  # it imports this module
-
-            teacher, _ = model_from_checkpoint(self.teacher_path)
+            teacher, _ = type(self).from_checkpoint(self.teacher_path)
             object.__setattr__(self, "teacher", teacher.to(self.device).requires_grad_(False))  # not a submodule
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -240,12 +251,13 @@ class FashionMNISTClassifier(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def check_architecture_settings(architecture: str, settings: dict[str, Any]) -> None:
-    """Refuse a setting of another architecture than the chosen one: it would be ignored without a word."""
+def check_architecture_settings(architecture: str, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a setting of another architecture than the chosen one (the settings table says whose each is): it
+    would be ignored without a word. Its default, or all-zero dropout rates, mean "not used"."""
     for name, value in settings.items():
-        owner, unused = ARCHITECTURE_SETTINGS[name]
+        owner = ARCHITECTURE_SETTINGS[name]
         rates = value if isinstance(value, list | tuple) else [value]
-        if owner != architecture and not all(rate == unused for rate in rates):
+        if owner != architecture and not all(rate == defaults[name] for rate in rates):
             raise UserError(
                 f"model.{name} {value!r} only applies to model.architecture {owner}, and this run's is "
                 f"{architecture}; leave it out, or set --model.architecture {owner}"

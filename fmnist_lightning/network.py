@@ -1,4 +1,6 @@
-"""The plain nn.Modules: input scaling, the original Keras network and a MobileNetV2 alternative.
+"""The plain nn.Modules: input scaling, the original Keras network, a pre-activation ResNet and MobileNetV2,
+and `build_network`, the one place that maps `model.architecture` to a network (a new architecture goes here,
+with its settings in the settings table, not into the LightningModule).
 
 Layer names follow the Keras summary (conv2d, max_pooling2d, conv2d_1, ...) so Lightning's reads like the original's.
 """
@@ -192,3 +194,24 @@ def preact_resnet(num_classes: int = 10, depth: int = 20, width: int = 16) -> nn
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     return network
+
+
+def build_network(
+    architecture: str,
+    num_classes: int,
+    pool_before_relu: bool = True,
+    batch_norm: bool = False,
+    dropout: float | Sequence[float] = 0.0,
+    depth: int = 20,
+    width: int = 16,
+    pretrained: bool | str = False,
+) -> nn.Module:
+    """The network `model.architecture` names, from the settings that architecture takes; ValueError for bad ones."""
+    if architecture == "mobilenet_v2":
+        return MobileNetV2Classifier(num_classes, pretrained)
+    if architecture == "resnet":
+        return preact_resnet(num_classes, depth, width)
+    if architecture == "original":
+        rates = [dropout] * 4 if isinstance(dropout, int | float) else list(dropout)
+        return original_cnn(num_classes, pool_before_relu, batch_norm, rates)
+    raise ValueError(f"unknown architecture {architecture!r}; choose original, resnet or mobilenet_v2")

@@ -20,10 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fmnist_lightning.checkpoints import model_from_checkpoint
-from fmnist_lightning.metrics_log import read_run
-from fmnist_lightning.plots import curve_figure, save_figure
-from fmnist_lightning.reports import markdown_table
+from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.reports.classification import markdown_table
+from fmnist_lightning.reports.metrics_log import read_run
+from fmnist_lightning.reports.plots import curve_figure, save_figure
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LONGER = ["--trainer.max_epochs=30"]  # each improvement alone trains as long as the improved recipe
@@ -95,7 +95,7 @@ def run_recipe(recipe: str, seed: int, options: argparse.Namespace) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{recipe}, seed {seed} failed:\n{result.stderr[-3000:]}")
     metrics = read_run(run_dir / "metrics.csv", name=recipe)
-    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    model, _ = FashionMNISTClassifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return {
         "run_dir": run_dir,
         "metrics": metrics,

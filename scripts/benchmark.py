@@ -50,9 +50,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from fmnist_lightning.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
+from fmnist_lightning.data.datamodule import DEFAULT_DATA_DIR, FashionMNISTDataModule
 from fmnist_lightning.network import original_cnn
-from fmnist_lightning.speed import configure_runtime
+from fmnist_lightning.training.speed import configure_runtime
 
 PIPELINES = ("b", "a_same", "a_default", "c")
 KERAS_SCRIPT = Path(__file__).resolve().with_name("keras_original.py")
@@ -194,7 +194,7 @@ def run_hand_written_loop(options: argparse.Namespace) -> dict[str, Any]:
 
 def run_project_fit(options: argparse.Namespace, same_settings: bool) -> dict[str, Any]:
     """(a): the CLI's own fit on configs/base.yaml; with `same_settings`, b's precision and memory format."""
-    from fmnist_lightning.cli import lightning_command
+    from fmnist_lightning.commands.lightning import lightning_command
 
     with tempfile.TemporaryDirectory(prefix="fmnist-benchmark-") as logs:
         args = [
@@ -237,7 +237,7 @@ def run_typical_port(options: argparse.Namespace) -> dict[str, Any]:
     from torchvision.datasets import FashionMNIST
     from torchvision.transforms import ToTensor
 
-    from fmnist_lightning.data import held_out_count
+    from fmnist_lightning.data.datamodule import held_out_count
 
     class TypicalModel(L.LightningModule):
         def __init__(self) -> None:

@@ -86,7 +86,7 @@ def capture(browser, url: str, picture: Path, out_dir: Path, prefix: str = "") -
 
 def photo_like(out: Path) -> Path:
     """A stand-in for a phone photo of a shoe: a real test sneaker, dark on white, 250x250 RGB."""
-    from fmnist_lightning.data import load_split
+    from fmnist_lightning.data.datamodule import load_split
 
     test = load_split("data", train=False)
     sneaker = test.images[(test.labels == 7).nonzero()[0, 0], 0].numpy()

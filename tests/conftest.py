@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_lightning.dataset_files import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
-from fmnist_lightning.threads import FIXED_THREADS_ENV
+from fmnist_lightning.data.files import RAW_FILE_NAMES, SYSTEM_DATA_DIR, ensure_dataset, raw_folder
+from fmnist_lightning.training.threads import FIXED_THREADS_ENV
 from helpers import run_main, tiny_fit_args, write_tiny_dataset
 
 # Tests compare runs bit for bit; a fixed thread count keeps that true while other work shares the machine

@@ -19,10 +19,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from fmnist_lightning.checkpoints import SafeCheckpointIO
 from fmnist_lightning.cli import main
-from fmnist_lightning.dataset_files import SPLIT_FILES
+from fmnist_lightning.data.files import SPLIT_FILES
 from fmnist_lightning.outputs import atomic_write
+from fmnist_lightning.training.checkpoints import SafeCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "base.yaml"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.calibration import CalibrationMetric, fit_temperature, summarize
-from fmnist_lightning.callbacks import percent
-from fmnist_lightning.checkpoints import model_from_checkpoint
-from fmnist_lightning.data import load_split
-from fmnist_lightning.export import export_checkpoint
+from fmnist_lightning.commands.export import export_checkpoint
+from fmnist_lightning.data.datamodule import load_split
+from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.reports.calibration import CalibrationMetric, fit_temperature, summarize
+from fmnist_lightning.reports.callbacks import percent
 from helpers import run_main, tiny_fit_args, tree_snapshot
 
 
@@ -70,7 +70,7 @@ def test_predict_under_bf16_writes_float32_probabilities(tiny_checkpoint, tiny_d
     )  # fmt: skip
     with open(out, newline="") as file:
         rows = list(csv.DictReader(file))
-    model, _ = model_from_checkpoint(tiny_checkpoint)
+    model, _ = FashionMNISTClassifier.from_checkpoint(tiny_checkpoint)
     images = load_split(tiny_data_dir, train=False).images
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16-mixed runs the network in
         expected = model(images).float().softmax(dim=1)
@@ -125,7 +125,7 @@ def test_calibrate_end_to_end_and_every_command_uses_the_temperature(tiny_checkp
     )
     assert json.loads(metadata_path.read_text())["temperature"] == pytest.approx(temperature)
     images = load_split(tiny_data_dir, train=False).images[:8]
-    model, _ = model_from_checkpoint(checkpoint)
+    model, _ = FashionMNISTClassifier.from_checkpoint(checkpoint)
     with torch.no_grad():
         expected = (model(images) / temperature).softmax(dim=1)
         found = torch.jit.load(str(model_path))(images)
@@ -195,7 +195,7 @@ def _existing(path):
 def test_calibrate_stopped_while_writing_leaves_nothing_half_written(
     tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch, stop, status, cause
 ):
-    from fmnist_lightning import plots
+    from fmnist_lightning.reports import plots
 
     def interrupted_while_drawing(figure, file, image_format):
         file.write(b"half a picture")

@@ -8,7 +8,7 @@ import io
 import torch
 import yaml
 
-from fmnist_lightning.cli import lightning_command
+from fmnist_lightning.commands.lightning import lightning_command
 from helpers import run_main, tiny_fit_args
 
 

@@ -2,14 +2,18 @@
 
 import os
 import pickle
+import shutil
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from fmnist_lightning.checkpoints import SafeCheckpointIO, load_checkpoint, model_from_checkpoint
 from fmnist_lightning.errors import UserError
+from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.training.checkpoints import SafeCheckpointIO, load_checkpoint
 from helpers import run_main, tiny_fit_args, tree_snapshot
 
 
@@ -100,11 +104,11 @@ def test_a_checkpoint_with_other_layer_shapes_belongs_to_another_model(tiny_chec
     path = tmp_path / "reshaped.ckpt"
     torch.save(checkpoint, path)
     with pytest.raises(UserError, match=r"belongs to another model \(size mismatch for network.dense.weight"):
-        model_from_checkpoint(path)
+        FashionMNISTClassifier.from_checkpoint(path)
 
 
 def test_model_from_checkpoint_restores_settings_and_weights(tiny_checkpoint):
-    model, _ = model_from_checkpoint(tiny_checkpoint)
+    model, _ = FashionMNISTClassifier.from_checkpoint(tiny_checkpoint)
     saved = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     assert not model.training
     assert model.memory_format == torch.channels_last  # the base config's setting came back
@@ -214,3 +218,23 @@ def test_a_student_taught_by_a_teacher_named_without_a_folder_is_tested_after_fi
     run_main("test", *tiny_fit_args(tiny_data_dir), "--ckpt_path", str(last), cwd=tmp_path)
     # resuming reads the student's settings too
     run_main("fit", *tiny_fit_args(tiny_data_dir, epochs=2), *teacher, "--ckpt_path", str(last), cwd=tmp_path)
+
+
+def test_a_command_reads_each_checkpoint_file_once(workspace, tmp_path, monkeypatch):
+    root = tmp_path / "ws"
+    shutil.copytree(workspace, root)  # fresh files: nothing of them was read in this process before
+    checkpoints = root / "runs" / "base" / "version_0" / "checkpoints"
+    reads: Counter[str] = Counter()
+    real_load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        reads[Path(file).name] += 1
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    result = run_main("test", *tiny_fit_args(root / "data"), "--ckpt_path", "best", cwd=root)
+    best = next(checkpoints.glob("best-*.ckpt"))
+    assert f"checkpoint:       runs/base/version_0/checkpoints/{best.name}" in result.stdout
+    # `best` is found through last.ckpt, then read for its settings, by LightningCLI, for the weights and by
+    # the Trainer: each file once
+    assert reads == {"last.ckpt": 1, best.name: 1}

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.checkpoints import load_checkpoint
-from fmnist_lightning.speed import fastest_precision
+from fmnist_lightning.training.checkpoints import load_checkpoint
+from fmnist_lightning.training.speed import fastest_precision
 from helpers import BASE_CONFIG, read_metrics, run_main, tiny_fit_args, tree_snapshot
 
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from fmnist_lightning.batches import (
+from fmnist_lightning.data.batches import (
     EpochShuffleSampler,
     ResumableDataLoader,
     TensorBatchDataset,
     already_collated,
 )
-from fmnist_lightning.data import FashionMNISTDataModule, held_out_count
+from fmnist_lightning.data.datamodule import FashionMNISTDataModule, held_out_count
 from fmnist_lightning.errors import UserError
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist_lightning import dataset_files
-from fmnist_lightning.dataset_files import RAW_FILE_NAMES, ensure_dataset, raw_folder
+from fmnist_lightning.data import files as dataset_files
+from fmnist_lightning.data.files import RAW_FILE_NAMES, ensure_dataset, raw_folder
 from fmnist_lightning.errors import DataError
 from helpers import write_idx, write_tiny_dataset
 

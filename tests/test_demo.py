@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.data import load_split
-from fmnist_lightning.demo import ENLARGE, ScoredTestSet, classify, load_for_demo, run_choices, run_curves
-from fmnist_lightning.images import load_image
+from fmnist_lightning.commands.demo import load_for_demo
+from fmnist_lightning.commands.demo_app import ENLARGE, ScoredTestSet, classify, run_choices, run_curves
+from fmnist_lightning.data.datamodule import load_split
+from fmnist_lightning.data.images import load_image
 from helpers import cli_environment, declared_size_png, load_script, run_main, tiny_fit_args, tree_snapshot, wait_for
 
 

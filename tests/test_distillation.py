@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from fmnist_lightning.cli import lightning_command
+from fmnist_lightning.commands.lightning import lightning_command
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
 from helpers import run_main, tiny_fit_args

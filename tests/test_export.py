@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.checkpoints import model_from_checkpoint
-from fmnist_lightning.data import load_split
+from fmnist_lightning.commands.export import ProbabilityModel, export_checkpoint
+from fmnist_lightning.data.datamodule import load_split
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.export import ProbabilityModel, export_checkpoint
+from fmnist_lightning.module import FashionMNISTClassifier
 from helpers import run_main
 
 
 def reference_probabilities(checkpoint, images):
-    model, _ = model_from_checkpoint(checkpoint)
+    model, _ = FashionMNISTClassifier.from_checkpoint(checkpoint)
     with torch.inference_mode():
         return ProbabilityModel(model).eval()(images).numpy()
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from fmnist_lightning import graphed as graphed_file
-from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.data.datamodule import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.graphed import CudaGraphTraining, GraphedStep
 from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.training import graphed as graphed_file
+from fmnist_lightning.training.graphed import CudaGraphTraining, GraphedStep
 
 # 320 training images in batches of 48: six full batches and a short one of 32 per epoch
 BATCH = 48

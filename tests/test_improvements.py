@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_lightning.augment import BatchAugment, rotate_and_scale
-from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.data.augment import BatchAugment, rotate_and_scale
+from fmnist_lightning.data.datamodule import FashionMNISTDataModule
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier, warmup_cosine
 from fmnist_lightning.network import original_cnn

@@ -3,7 +3,7 @@
 import pytest
 
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.metrics_log import NoCurvesError, metrics_files, read_run
+from fmnist_lightning.reports.metrics_log import NoCurvesError, metrics_files, read_run
 
 
 def write_log(folder, text: str):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
-from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.data.datamodule import FashionMNISTDataModule
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.network import FASHION_MNIST_MEAN, FASHION_MNIST_STD, InputScaling, original_cnn
 

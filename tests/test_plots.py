@@ -5,10 +5,10 @@ import pytest
 from matplotlib.image import imread
 
 from fmnist_lightning.cli import main
-from fmnist_lightning.curves import draw_curves
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.metrics_log import read_run
-from fmnist_lightning.plots import confusion_matrix_figure, curve_figure, image_grid_figure
+from fmnist_lightning.reports.curves import draw_curves
+from fmnist_lightning.reports.metrics_log import read_run
+from fmnist_lightning.reports.plots import confusion_matrix_figure, curve_figure, image_grid_figure
 from helpers import tree_snapshot
 
 LOG = """epoch,step,test_acc,test_loss,train_acc,train_loss,val_acc,val_loss

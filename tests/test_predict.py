@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.data import load_split
+from fmnist_lightning.data.datamodule import load_split
 from helpers import declared_size_png, run_main, tiny_fit_args
 
 

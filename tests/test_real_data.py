@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from fmnist_lightning.data import load_split
+from fmnist_lightning.data.datamodule import load_split
 from fmnist_lightning.network import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from helpers import BASE_CONFIG, run_cli
 

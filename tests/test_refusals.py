@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 
-from fmnist_lightning.checkpoints import SafeCheckpointIO
-from fmnist_lightning.dataset_files import raw_folder
+from fmnist_lightning.data.files import raw_folder
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.run_folders import claim_run_folder
-from fmnist_lightning.run_log import RunCSVLogger
+from fmnist_lightning.training.checkpoints import SafeCheckpointIO
+from fmnist_lightning.training.run_folders import claim_run_folder
+from fmnist_lightning.training.run_log import RunCSVLogger
 from helpers import BASE_CONFIG, REPO, cli_environment, run_main, tiny_fit_args, tree_snapshot
 
 LAST = "runs/base/version_0/checkpoints/last.ckpt"
@@ -265,7 +265,7 @@ def test_a_failed_download_leaves_no_new_folders(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: network unreachable")
 
-    monkeypatch.setattr("fmnist_lightning.dataset_files.FashionMNIST", offline)
+    monkeypatch.setattr("fmnist_lightning.data.files.FashionMNIST", offline)
     args = ["fit", *tiny_fit_args(tmp_path / "data" / "fmnist"), "--data.download", "true"]
     result = run_main(*args, "--data.system_dir", str(tmp_path / "none"), cwd=tmp_path, check=False)
     assert result.returncode == 2

@@ -8,8 +8,9 @@ import signal
 import pytest
 import torch
 
-from fmnist_lightning.checkpoints import load_checkpoint
-from fmnist_lightning.run_log import MergingExperimentWriter
+from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.training.checkpoints import load_checkpoint
+from fmnist_lightning.training.run_log import MergingExperimentWriter
 from helpers import (
     read_metrics,
     run_cli,
@@ -236,10 +237,10 @@ def test_ddp_on_two_cpu_processes_shards_syncs_and_saves_once(tiny_data_dir, tmp
     assert not list(tmp_path.glob("runs/base/version_1"))
 
     # val_acc is over all 80 validation images, not one process's 40: recompute it from the weights
-    from fmnist_lightning.checkpoints import model_from_checkpoint
-    from fmnist_lightning.data import FashionMNISTDataModule
 
-    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    from fmnist_lightning.data.datamodule import FashionMNISTDataModule
+
+    model, _ = FashionMNISTClassifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     dm = FashionMNISTDataModule(data_dir=str(tiny_data_dir), download=False)
     dm.setup("fit")
     with torch.no_grad():
@@ -249,7 +250,7 @@ def test_ddp_on_two_cpu_processes_shards_syncs_and_saves_once(tiny_data_dir, tmp
     assert "run folder:       runs/base/version_0" in result.stdout
 
     # the test after fit covers all 100 test images (50 per process) once, in the metrics and the report
-    best, _ = model_from_checkpoint(next((run_dir / "checkpoints").glob("best-*.ckpt")))
+    best, _ = FashionMNISTClassifier.from_checkpoint(next((run_dir / "checkpoints").glob("best-*.ckpt")))
     dm.setup("test")
     with torch.no_grad():
         predicted = best(dm.test_set.images).argmax(1)

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from fmnist_lightning.reports import (
+from fmnist_lightning.reports.classification import (
     ClassificationReportMetric,
     ExampleCollector,
     confusion_rows,

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fmnist_lightning import speed
-from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.data.datamodule import FashionMNISTDataModule
 from fmnist_lightning.module import FashionMNISTClassifier
+from fmnist_lightning.training import speed
 from helpers import load_script
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.threads import FIXED_THREADS_ENV, ThreadsForFreeCores, cpu_usage, fixed_thread_count
+from fmnist_lightning.training.threads import FIXED_THREADS_ENV, ThreadsForFreeCores, cpu_usage, fixed_thread_count
 
 
 @pytest.fixture

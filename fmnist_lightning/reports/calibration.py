@@ -1,10 +1,7 @@
 """Whether the model's probabilities mean what they say (ECE, MCE, NLL, Brier score, reliability bins), and
 `fmnist calibrate`: one temperature fitted on the validation split, saved in a new checkpoint."""
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,17 +10,8 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassCalibrationError
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.batches import TensorBatchDataset
-from fmnist_lightning.checkpoints import model_from_checkpoint
-from fmnist_lightning.data import FashionMNISTDataModule
-from fmnist_lightning.errors import UserError
-from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.outputs import atomic_write, ensure_output_path
 
 CALIBRATION_BINS = 15  # equal-width top-1 confidence bins, the usual choice for ECE
-# The data settings that decide which images are the checkpoint's validation split, and where they are.
-SPLIT_DATA_SETTINGS = ("data_dir", "system_dir", "download", "val_size", "split_seed")
-INFERENCE_BATCH = 1000
 
 
 class ReliabilityBins(Metric):
@@ -136,92 +124,3 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimizer.step(nll)
     return float(log_temperature.detach().exp())
-
-
-@torch.no_grad()
-def logits_of(model: FashionMNISTClassifier, split: TensorBatchDataset) -> torch.Tensor:
-    """float32 logits of a whole split, before any temperature (the model in eval mode on the CPU)."""
-    batches = [
-        model(split.images[start : start + INFERENCE_BATCH]).float() for start in range(0, len(split), INFERENCE_BATCH)
-    ]
-    return torch.cat(batches)
-
-
-@dataclass
-class CalibrationResult:
-    """What `fmnist calibrate` fitted and measured, and the files it wrote."""
-
-    temperature: float
-    validation_images: int
-    before: CalibrationSummary  # on the test set, with the checkpoint's own temperature
-    after: CalibrationSummary
-    checkpoint: Path
-    figure: Path
-
-
-def calibrate_checkpoint(
-    ckpt_path: str | os.PathLike,
-    output: str | os.PathLike | None = None,
-    data_dir: str | None = None,
-    system_dir: str | None = None,
-    overwrite: bool = False,
-) -> CalibrationResult:
-    """Fit the temperature on the checkpoint's own validation split; write a new checkpoint carrying it, and
-    its diagrams beside it (same name, .png): both or neither."""
-    model, checkpoint = model_from_checkpoint(ckpt_path)
-    path = Path(ckpt_path)
-    destination = Path(output) if output else path.with_name(f"{path.stem}-calibrated.ckpt")
-    figure_path = destination.with_suffix(".png")
-    check_calibration_outputs(path, destination, figure_path, overwrite)
-    saved = checkpoint.get("datamodule_hyper_parameters") or {}
-    settings: dict[str, Any] = {name: saved[name] for name in SPLIT_DATA_SETTINGS if name in saved}
-    settings |= {name: value for name, value in (("data_dir", data_dir), ("system_dir", system_dir)) if value}
-    data = FashionMNISTDataModule(**settings, data_on_device=False)
-    data.prepare_data()
-    data.setup("validate")
-    data.setup("test")
-    val_logits = logits_of(model, data.val_set)
-    temperature = fit_temperature(val_logits, data.val_set.labels)
-    test_logits, test_labels = logits_of(model, data.test_set), data.test_set.labels
-    before = summarize((test_logits / model.hparams.temperature).softmax(dim=1), test_labels)
-    after = summarize((test_logits / temperature).softmax(dim=1), test_labels)
-
-    from fmnist_lightning.plots import calibration_figure, write_figure  # matplotlib only when drawing
-
-    panels = {"before": before, f"after (temperature {temperature:.3f})": after}
-    figure = calibration_figure(panels, "on the test set, temperature fitted on the validation split")
-    checkpoint["hyper_parameters"]["temperature"] = temperature
-    # Both under temporary names until both are complete; the checkpoint is renamed into place first.
-    with atomic_write(figure_path) as figure_file, atomic_write(destination) as checkpoint_file:
-        write_figure(figure, figure_file, "png")
-        torch.save(checkpoint, checkpoint_file)
-    return CalibrationResult(temperature, len(data.val_set), before, after, destination, figure_path)
-
-
-def check_calibration_outputs(source: Path, destination: Path, figure: Path, overwrite: bool) -> None:
-    """Refuse, before any work, outputs that would replace the checkpoint being read, collide with each other,
-    or replace an existing file unasked. Files are compared as files (device and inode), not as path strings,
-    so `x/../x/a.ckpt` and a path through a linked folder are seen for what they are."""
-    if destination.suffix != ".ckpt":
-        raise UserError(
-            f"--output {destination}: a calibrated checkpoint is a .ckpt file (its diagrams go beside it as "
-            f"{figure.name}); give a name ending in .ckpt"
-        )
-    if same_file(destination, source):
-        raise UserError(
-            f"--output {destination} is the checkpoint being calibrated ({source}); it is never changed, choose another"
-        )
-    if same_file(figure, source):
-        raise UserError(f"--output {destination}: its diagrams {figure} would replace {source}; choose another")
-    for option, output in (("--output", destination), ("its diagrams", figure)):
-        ensure_output_path(output, "--output")
-        if output.exists() and not overwrite:
-            raise UserError(f"{output} exists ({option}); give another --output, or --overwrite true to replace it")
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file, however they reach it (links, `..`); False if either does not exist."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False

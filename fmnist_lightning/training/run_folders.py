@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.outputs import ensure_output_path, nearest_existing, remove_empty_folders
+from fmnist_lightning.training.checkpoints import load_checkpoint
 
 
 def run_folder(trainer: L.Trainer) -> Path:
@@ -18,18 +18,17 @@ def run_folder(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def find_run_checkpoint(runs_root: Path, which: str) -> Path:
-    """`last` or `best` checkpoint of the newest run under `runs_root` (save_dir/name of the logger)."""
-    runs = sorted(
-        (folder for folder in runs_root.glob("version_*") if (folder / "checkpoints" / "last.ckpt").is_file()),
-        key=lambda folder: int(folder.name.removeprefix("version_")) if folder.name[8:].isdigit() else -1,
-    )
-    if not runs:
+def find_run_checkpoint(runs: Path, which: str) -> Path:
+    """`last` or `best` checkpoint of the newest run under `runs`: a logger's save_dir/name (its version_N
+    folders), or a folder of those (the demo's --runs_dir). The newest run is the one that saved a checkpoint
+    last; its last.ckpt names its best one. Every command resolves `last`/`best` here."""
+    lasts = [*runs.glob("version_*/checkpoints/last.ckpt"), *runs.glob("*/version_*/checkpoints/last.ckpt")]
+    if not lasts:
         raise UserError(
-            f"--ckpt_path {which}: no run with a checkpoints/last.ckpt under {runs_root}; "
+            f"--ckpt_path {which}: no run with a checkpoints/last.ckpt under {runs}; "
             "train first, or give the path of a .ckpt file"
         )
-    last = runs[-1] / "checkpoints" / "last.ckpt"
+    last = max(lasts, key=lambda path: path.stat().st_mtime_ns)
     if which == "last":
         return last
     for state in load_checkpoint(last).get("callbacks", {}).values():

@@ -17,50 +17,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning.outputs import atomic_write
-from fmnist_lightning.run_folders import logger_settings, run_folder
-
-# Settings that change no number of a run: how fast it goes, and where its files are.
-FREE_SETTINGS = frozenset(
-    {
-        "model.compile",
-        "model.channels_last",
-        "model.cuda_graph",
-        "model.pool_before_relu",
-        "model.optimizer.init_args.fused",
-        "model.optimizer.init_args.foreach",
-        "data.data_dir",
-        "data.system_dir",
-        "data.download",
-        "data.eval_batch_size",
-        "data.num_workers",
-        "data.predict_paths",
-        "data.invert",
-        "data.data_on_device",  # batches are augmented on the accelerator either way
-    }
+from fmnist_lightning.training.run_folders import logger_settings, run_folder
+from fmnist_lightning.training.settings import (
+    FREE_SETTINGS,
+    MODEL_DEFINING_SETTINGS,
+    SPEED_MODEL_SETTINGS,
+    TRAINER_RUN_SETTINGS,
 )
-# Trainer settings that decide what a run computes; recorded in its checkpoints by `RunSettings`.
-TRAINER_SETTINGS = (
-    "precision",
-    "accumulate_grad_batches",
-    "gradient_clip_val",
-    "gradient_clip_algorithm",
-    "deterministic",
-    "devices",
-    "num_nodes",
-    "max_epochs",
-)
-SPLIT_SETTINGS = ("data.split_seed", "data.val_size")
-# With --ckpt_path, LightningCLI replaces the command line's model settings by the checkpoint's. These only
-# change speed, so the command line's stand; the others define the model, and a dropped one is named.
-SPEED_MODEL_SETTINGS = (
-    "compile",
-    "channels_last",
-    "cuda_graph",
-    "pool_before_relu",
-    "optimizer.init_args.fused",
-    "optimizer.init_args.foreach",
-)
-MODEL_DEFINING_SETTINGS = ("architecture", "depth", "width", "normalize", "batch_norm", "dropout", "temperature")
 
 
 class RunSettings(L.Callback):
@@ -76,7 +39,7 @@ class RunSettings(L.Callback):
 def run_settings(config: Any) -> dict[str, Any]:
     """The seed and trainer settings of a parsed subcommand config, as `RunSettings` records them."""
     settings = {"seed_everything": config.get("seed_everything")}
-    return settings | {f"trainer.{name}": config.trainer.get(name) for name in TRAINER_SETTINGS}
+    return settings | {f"trainer.{name}": config.trainer.get(name) for name in TRAINER_RUN_SETTINGS}
 
 
 def recipe_differences(config: Any, checkpoint: Mapping[str, Any], only: Iterable[str] | None = None) -> list[str]:

@@ -8,9 +8,9 @@ from typing import IO
 import numpy as np
 from matplotlib.figure import Figure
 
-from fmnist_lightning.calibration import CalibrationSummary
-from fmnist_lightning.metrics_log import RunMetrics
 from fmnist_lightning.outputs import atomic_write
+from fmnist_lightning.reports.calibration import CalibrationSummary
+from fmnist_lightning.reports.metrics_log import RunMetrics
 
 DPI = 120
 STAGE_STYLE = {

@@ -1,17 +1,6 @@
-"""`fmnist demo`: a local Gradio app to try a checkpoint on pictures, explore its test-set mistakes and compare
-runs. Offline by design: no telemetry, no share links, no fonts or scripts fetched from the internet."""
+"""The demo's Gradio page: the Try-it tab (predict's own image preparation), the Mistakes tab (the test set's
+confusion matrix and its cells' images) and the Runs tab (`fmnist plot`'s curves)."""
 
-import errno
-import inspect
-import ipaddress
-import os
-import re
-import shutil
-import signal
-import socket
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,20 +10,11 @@ import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.checkpoints import model_from_checkpoint
-from fmnist_lightning.data import load_split
-from fmnist_lightning.dataset_files import SYSTEM_DATA_DIR, ensure_dataset
+from fmnist_lightning.data.batches import in_batches
+from fmnist_lightning.data.images import Invert, prepare_image
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.images import Invert, prepare_image
-from fmnist_lightning.metrics_log import METRICS_FILE, RunMetrics, read_run, run_name
 from fmnist_lightning.module import FashionMNISTClassifier
-from fmnist_lightning.run_folders import find_run_checkpoint
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-GALLERY_SIZE = 48  # images shown for one confusion-matrix cell, most confident first
-ENLARGE = 10  # the 28x28 input is shown 280x280, pixels kept sharp
-IMPROVED_SETTINGS = ("batch_norm", "dropout", "label_smoothing", "lr_schedule", "normalize")
+from fmnist_lightning.reports.metrics_log import METRICS_FILE, RunMetrics, read_run, run_name
 
 
 @dataclass
@@ -49,53 +29,16 @@ class LoadedCheckpoint:
     system_dir: str
 
 
-def resolve_checkpoint(ckpt_path: str, runs_dir: Path) -> Path:
-    """`last`/`best`: that checkpoint of the newest run under `runs_dir` (any run name); else the path itself."""
-    if ckpt_path not in ("last", "best"):
-        return Path(ckpt_path)
-    lasts = sorted(runs_dir.glob("*/version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
-    if not lasts:
-        raise UserError(f"--ckpt_path {ckpt_path}: no run with a checkpoint under {runs_dir}; train first")
-    return find_run_checkpoint(lasts[-1].parents[2], ckpt_path)
+GALLERY_SIZE = 48  # images shown for one confusion-matrix cell, most confident first
 
 
-def load_for_demo(path: Path) -> LoadedCheckpoint:
-    """The model in eval mode (float32, CPU) with its recipe and, when its run tested it, its test accuracy."""
-    model, checkpoint = model_from_checkpoint(path)
-    settings = checkpoint.get("hyper_parameters") or {}
-    defaults = {name: p.default for name, p in inspect.signature(FashionMNISTClassifier).parameters.items()}
-    changed = [name for name in IMPROVED_SETTINGS if name in settings and settings[name] != defaults.get(name)]
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    if any(data.get(name) for name in ("translate", "flip", "erase", "rotate", "zoom")):
-        changed.append("augmentation")
-    optimizer = (settings.get("optimizer") or {}).get("class_path", "torch.optim.Adam").rsplit(".", 1)[-1]
-    recipe = f"{settings.get('architecture', 'original')} network, {optimizer}"
-    recipe += f", improved recipe ({', '.join(changed)})" if changed else ", the original recipe"
-    if model.temperature != 1:
-        recipe += f", calibrated (temperature {model.temperature:.3f})"
-    return LoadedCheckpoint(
-        model=model,
-        path=path,
-        recipe=recipe,
-        test_accuracy=_tested_accuracy(path),
-        data_dir=str(data.get("data_dir", "data")),
-        system_dir=str(data.get("system_dir", SYSTEM_DATA_DIR)),
-    )
-
-
-def _tested_accuracy(checkpoint_path: Path) -> float | None:
-    """The test accuracy in the checkpoint's run's metrics.csv, if that run was tested."""
-    metrics_file = checkpoint_path.parent.parent / METRICS_FILE
-    try:
-        return read_run(metrics_file).final.get("test_acc") if metrics_file.is_file() else None
-    except UserError:
-        return None
+ENLARGE = 10  # the 28x28 input is shown 280x280, pixels kept sharp
 
 
 @torch.no_grad()
-def probabilities_of(model: FashionMNISTClassifier, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def probabilities_of(model: FashionMNISTClassifier, images: torch.Tensor) -> torch.Tensor:
     """float32 probabilities for N x 1 x 28 x 28 uint8 images."""
-    return torch.cat([model.probabilities(images[start : start + batch]) for start in range(0, len(images), batch)])
+    return in_batches(model.probabilities, images)
 
 
 def classify(
@@ -165,14 +108,6 @@ class ScoredTestSet:
         return items, summary
 
 
-def predict_test_set(loaded: LoadedCheckpoint, data_dir: str | None = None) -> ScoredTestSet:
-    """Score the official test set once at start-up; never downloads (the demo works offline)."""
-    folder = data_dir or loaded.data_dir
-    ensure_dataset(folder, Path(loaded.system_dir), download=False)
-    test = load_split(folder, train=False)
-    return ScoredTestSet(test.images, test.labels, probabilities_of(loaded.model, test.images))
-
-
 def run_choices(runs_dir: Path) -> dict[str, Path]:
     """`name/version_N` -> metrics.csv for every run under `runs_dir`, newest first."""
     files = sorted(runs_dir.glob(f"**/{METRICS_FILE}"), key=lambda path: path.stat().st_mtime, reverse=True)
@@ -181,7 +116,7 @@ def run_choices(runs_dir: Path) -> dict[str, Path]:
 
 def run_curves(runs_dir: Path, names: list[str]) -> tuple[Any, Any, str]:
     """The "Runs" tab: accuracy and loss figures of the chosen runs (`fmnist plot`'s drawing), and a note."""
-    from fmnist_lightning.plots import curve_figure
+    from fmnist_lightning.reports.plots import curve_figure
 
     choices = run_choices(runs_dir)
     runs: list[RunMetrics] = []
@@ -198,61 +133,6 @@ def run_curves(runs_dir: Path, names: list[str]) -> tuple[Any, Any, str]:
 
 def _skipped_note(skipped: list[str]) -> str:
     return f" Not drawn: {'; '.join(skipped)}." if skipped else ""
-
-
-# A host name: dot-separated labels of letters, digits and inner hyphens (RFC 1123).
-HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-HOST_NAME = re.compile(rf"(?=.{{1,253}}$){HOST_LABEL}(\.{HOST_LABEL})*")
-
-
-def host_family(host: str) -> socket.AddressFamily:
-    """The address family to serve `host` on; a value that is no IP address or host name is refused."""
-    try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        pass
-    numeric = all(label.isdigit() for label in host.split("."))  # 999.1.2.3 is a bad address, not a name
-    if not HOST_NAME.fullmatch(host) or numeric:
-        raise UserError(
-            f"--host {host!r} is not an address to serve on; give an IP address such as 127.0.0.1 (this machine "
-            "only) or 0.0.0.0 (every network), or a host name"
-        )
-    try:
-        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as error:
-        raise UserError(f"--host {host}: {error.strerror}; give an IP address such as 127.0.0.1") from None
-
-
-def ensure_port_free(host: str, port: int) -> None:
-    """Refuse a host that is no address of this machine, or a port already in use, before anything starts."""
-    with socket.socket(host_family(host)) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            if error.errno == errno.EADDRNOTAVAIL:
-                hint = f"--host {host} is not an address of this machine; give 127.0.0.1 or 0.0.0.0"
-            elif error.errno == errno.EACCES:
-                hint = "ports below 1024 need root; choose another --port"
-            else:
-                hint = "choose another --port"
-            raise UserError(f"cannot serve on {host}:{port}: {error.strerror}; {hint}") from None
-
-
-@contextmanager
-def offline_gradio() -> Iterator[Path]:
-    """Gradio without telemetry or version checks, its uploads in a temporary folder removed afterwards."""
-    temporary = Path(tempfile.mkdtemp(prefix="fmnist-demo-"))
-    saved = {name: os.environ.get(name) for name in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR")}
-    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(temporary))
-    try:
-        yield temporary
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def header(loaded: LoadedCheckpoint) -> str:
@@ -334,22 +214,3 @@ def build_app(loaded: LoadedCheckpoint, test_set: ScoredTestSet | str, runs_dir:
             chosen.change(show_runs, chosen, [accuracy_plot, loss_plot, runs_note])
             app.load(show_runs, chosen, [accuracy_plot, loss_plot, runs_note])
     return app
-
-
-def serve(app: Any, host: str, port: int) -> None:
-    """Serve until Ctrl-C or SIGTERM, then close the server and return (the command exits 0)."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        app.launch(server_name=host, server_port=port, share=False, quiet=True, prevent_thread_lock=True,
-                   ssr_mode=False, max_file_size="256mb", footer_links=[])  # fmt: skip
-        print(f"demo:             http://{host}:{port} (Ctrl-C to stop)", flush=True)
-        app.block_thread()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        app.close()
-        signal.signal(signal.SIGTERM, previous)

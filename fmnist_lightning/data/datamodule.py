@@ -11,16 +11,16 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import FashionMNIST
 
-from fmnist_lightning.augment import BatchAugment
-from fmnist_lightning.batches import (
+from fmnist_lightning.data.augment import BatchAugment
+from fmnist_lightning.data.batches import (
     EpochShuffleSampler,
     ResumableDataLoader,
     TensorBatchDataset,
     already_collated,
 )
-from fmnist_lightning.dataset_files import SYSTEM_DATA_DIR, check_split_files, ensure_dataset, split_paths
+from fmnist_lightning.data.files import SYSTEM_DATA_DIR, check_split_files, ensure_dataset, split_paths
+from fmnist_lightning.data.images import ImageFileDataset, Invert, collate_image_records
 from fmnist_lightning.errors import UserError
-from fmnist_lightning.images import ImageFileDataset, Invert, collate_image_records
 
 NUM_CLASSES = 10
 DEFAULT_DATA_DIR = "data"
@@ -202,6 +202,15 @@ def held_out_count(total: int, val_size: int | float) -> int:
             f"use a fraction in (0, 1), a count between 1 and {total - 1:,}, or 0 to train on all of them"
         )
     return count
+
+
+def official_test_set(
+    data_dir: str | Path, system_dir: str | Path = SYSTEM_DATA_DIR, download: bool = False
+) -> TensorBatchDataset:
+    """The official 10,000 test images, found (or fetched) and checked as the DataModule does: for the commands
+    that score a model outside the Trainer (the demo, export)."""
+    ensure_dataset(data_dir, Path(system_dir), download=download)
+    return load_split(data_dir, train=False)
 
 
 def load_split(data_dir: str | Path, train: bool) -> TensorBatchDataset:

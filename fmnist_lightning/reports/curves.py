@@ -1,14 +1,13 @@
 """`fmnist plot`: accuracy and loss curves of one run, or of several runs compared, as image files."""
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist_lightning.errors import UserError
-from fmnist_lightning.metrics_log import NoCurvesError, RunMetrics, metrics_files, read_run
+from fmnist_lightning.errors import UserError, warn
 from fmnist_lightning.outputs import ensure_output_path
-from fmnist_lightning.plots import CURVE_QUANTITIES, curve_figure, save_figure
+from fmnist_lightning.reports.metrics_log import NoCurvesError, RunMetrics, metrics_files, read_run
+from fmnist_lightning.reports.plots import CURVE_QUANTITIES, curve_figure, save_figure
 
 CURVE_FILES = {"acc": "accuracy", "loss": "loss"}
 FORMATS = ("png", "svg")
@@ -27,10 +26,9 @@ def draw_curves(
     for run in metrics:
         for name, epochs in run.non_finite().items():
             listed = ", ".join(str(epoch + 1) for epoch in epochs)
-            print(
-                f"fmnist: warning: {run.path}: {name} is NaN or inf at epoch{'s' if len(epochs) > 1 else ''} "
-                f"{listed} (counted from 1); those points are left out of the curves",
-                file=sys.stderr,
+            warn(
+                f"{run.path}: {name} is NaN or inf at epoch{'s' if len(epochs) > 1 else ''} "
+                f"{listed} (counted from 1); those points are left out of the curves"
             )
     destination = Path(out) if out is not None else _default_folder(metrics)
     ensure_output_path(destination, "--out", is_folder=True)

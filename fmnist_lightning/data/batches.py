@@ -3,8 +3,10 @@
 The DataLoader asks for a whole batch of indices at once (`__getitems__`): no per-sample work, no collation.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -38,6 +40,15 @@ class TensorBatchDataset(Dataset[Batch]):
     def to(self, device: torch.device) -> "TensorBatchDataset":
         """The same split on `device`: one copy of the whole split, not one per batch."""
         return TensorBatchDataset(self.images.to(device), self.labels.to(device))
+
+
+INFERENCE_BATCH = 1000  # images per forward pass when a whole split is scored outside the Trainer
+
+
+def in_batches(function: Callable[[Any], Any], inputs: Any, batch_size: int = INFERENCE_BATCH) -> Any:
+    """`function` over `inputs` a batch at a time, the results joined: torch tensors or numpy arrays."""
+    parts = [function(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
 
 
 def already_collated(batch: Batch) -> Batch:

@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from jsonargparse import ArgumentParser
 from torch import nn
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.checkpoints import model_from_checkpoint
-from fmnist_lightning.data import DEFAULT_DATA_DIR, load_split
-from fmnist_lightning.dataset_files import SYSTEM_DATA_DIR, ensure_dataset
+from fmnist_lightning.data.batches import in_batches
+from fmnist_lightning.data.datamodule import DEFAULT_DATA_DIR, official_test_set
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.outputs import atomic_write, ensure_output_path, new_folders_removed_on_error
@@ -28,7 +28,6 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 MAX_ABS_DIFFERENCE = 1e-4
 MIN_ARGMAX_AGREEMENT = 0.999
 MAX_ACCURACY_GAP = 0.001
-CHECK_BATCH = 1000
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -56,12 +55,11 @@ def export_checkpoint(
     """Export, check on the official test set, and write model + JSON; returns both paths and the check."""
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
-    model, _ = model_from_checkpoint(ckpt_path)
+    model, _ = FashionMNISTClassifier.from_checkpoint(ckpt_path)
     checkpoint_path = Path(ckpt_path)
     destination = Path(output) if output else default_output(checkpoint_path, format)
     ensure_output_path(destination, "--output")
-    ensure_dataset(data_dir, SYSTEM_DATA_DIR, download=True)
-    test = load_split(data_dir, train=False)
+    test = official_test_set(data_dir, download=True)
     images = test.images.numpy() if input_dtype == "uint8" else (test.images.float() / 255).numpy()
     labels = test.labels.numpy()
 
@@ -141,8 +139,7 @@ def _pytorch_runner(module: nn.Module) -> Runner:
 
 def compare(reference: Runner, exported: Runner, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Run both on every image; the numbers the export must meet, and whether it meets them."""
-    expected = np.concatenate([reference(images[i : i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
-    found = np.concatenate([exported(images[i : i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    expected, found = in_batches(reference, images), in_batches(exported, images)
     max_difference = float(np.abs(expected - found).max())
     agreement = float((expected.argmax(1) == found.argmax(1)).mean())
     pytorch_accuracy = float((expected.argmax(1) == labels).mean())
@@ -200,3 +197,24 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def export_command(args: list[str]) -> None:
+    """`fmnist export --ckpt_path CKPT`: ONNX or TorchScript, checked against PyTorch on the test set."""
+    parser = ArgumentParser(prog="fmnist export", description=export_command.__doc__, exit_on_error=False)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint to export (.ckpt)")
+    parser.add_argument("--format", default="onnx", choices=tuple(FORMATS), help="onnx (default) or torchscript")
+    parser.add_argument("--output", help="model file to write (default: beside the run's checkpoints folder)")
+    parser.add_argument("--input_dtype", default="uint8", choices=("uint8", "float32"), help="pixels 0-255 or 0-1")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST folder, for the test-set check")
+    config = parser.parse_args(args)
+    model_path, metadata_path, check = export_checkpoint(
+        config.ckpt_path, config.format, config.output, config.input_dtype, config.data_dir
+    )
+    print(f"exported:         {model_path}")
+    print(f"description:      {metadata_path}")
+    print(
+        f"checked on {check['images']:,} test images: max probability difference {check['max_abs_difference']:.1e}, "
+        f"same class for {check['argmax_agreement']:.2%}, accuracy {check['exported_accuracy']:.4f} "
+        f"(PyTorch {check['pytorch_accuracy']:.4f})"
+    )
