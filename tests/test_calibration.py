@@ -216,6 +216,7 @@ def test_calibrate_stopped_while_writing_leaves_nothing_half_written(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone with it
 
 
+@pytest.mark.slow  # three calibrations; the refusal itself is a fast case above
 def test_calibrate_overwrite_replaces_its_own_earlier_output(tiny_checkpoint, tiny_data_dir, tmp_path):
     args = ["calibrate", "--ckpt_path", str(tiny_checkpoint), "--data_dir", str(tiny_data_dir)]
     output = ["--output", str(tmp_path / "calibrated.ckpt")]

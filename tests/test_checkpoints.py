@@ -206,6 +206,7 @@ def test_settings_that_are_file_names_are_never_taken_for_code(tiny_checkpoint, 
     assert load_checkpoint(tmp_path / "student.ckpt")["hyper_parameters"]["teacher"] == "teacher.ckpt"
 
 
+@pytest.mark.slow  # three trainings; test_settings_that_are_file_names_are_never_taken_for_code is the fast check
 def test_a_student_taught_by_a_teacher_named_without_a_folder_is_tested_after_fit(
     tiny_checkpoint, tiny_data_dir, tmp_path
 ):

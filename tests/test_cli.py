@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.cli import TOOL_COMMANDS, main
 from fmnist_lightning.training.checkpoints import load_checkpoint
 from fmnist_lightning.training.speed import fastest_precision
 from helpers import BASE_CONFIG, read_metrics, run_main, tiny_fit_args, tree_snapshot
@@ -178,3 +179,12 @@ def test_fit_and_test_leave_their_pictures_and_reports_in_the_run_folder(fitted_
     assert report[-1][0] == "micro average"
     assert float(report[-1][2]) == pytest.approx(test_acc, abs=5e-5)
     assert "| micro average |" in result.stdout
+
+
+def test_the_help_names_every_tool_command_from_the_command_table(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # the help wraps its lines
+    for command in TOOL_COMMANDS.values():
+        assert f"`{command.usage}` {command.summary}" in text

@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import BASE_CONFIG, run_main
@@ -35,6 +36,7 @@ def test_a_0_1_0_checkpoint_is_tested_with_its_own_numbers(tiny_data_dir, tmp_pa
     assert "test:             accuracy 0.4900, loss 1.920" in result.stdout  # what 0.1.0 measured (metrics.csv)
 
 
+@pytest.mark.slow  # a training; the 0.1.0 checkpoint's test is the fast check
 def test_a_0_1_0_config_reruns_its_recipe(tiny_data_dir, tmp_path):
     run = copy_of_the_old_run(tiny_data_dir, tmp_path)
     result = run_main("fit", "--config", str(run / "config.yaml"), "--trainer.enable_progress_bar", "false",

@@ -43,8 +43,6 @@ from fmnist_lightning.training.speed import configure_runtime, fastest_precision
 from fmnist_lightning.training.threads import ThreadsForFreeCores
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
