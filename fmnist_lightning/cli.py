@@ -33,6 +33,7 @@ TOOL_COMMANDS = {
         "fmnist lr_find --config CONFIG", "runs Lightning's learning-rate finder", "lr_find:lr_find_command"
     ),
     "demo": ToolCommand("fmnist demo --ckpt_path last", "serves a local web app", "demo:demo_command"),
+    "serve": ToolCommand("fmnist serve --ckpt_path last", "answers predictions over HTTP", "serve:serve_command"),
 }
 
 

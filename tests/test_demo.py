@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from fmnist_lightning import CLASS_NAMES
-from fmnist_lightning.commands.demo import load_for_demo
 from fmnist_lightning.commands.demo_app import ENLARGE, ScoredTestSet, classify, run_choices, run_curves
+from fmnist_lightning.commands.described import describe_checkpoint
 from fmnist_lightning.data.datamodule import load_split
-from fmnist_lightning.data.images import load_image
+from fmnist_lightning.data.decode import load_image
 from helpers import cli_environment, declared_size_png, load_script, run_main, tiny_fit_args, tree_snapshot, wait_for
 
 
@@ -41,7 +41,7 @@ def test_the_demo_and_predict_give_the_same_probabilities_for_a_file(tiny_checkp
         (row,) = list(csv.DictReader(file))
     expected = {row[f"top{k}_class"]: float(row[f"top{k}_probability"]) for k in range(1, 11)}
 
-    shown, note, probabilities = classify(load_for_demo(tiny_checkpoint).model, str(photo))
+    shown, note, probabilities = classify(describe_checkpoint(tiny_checkpoint).model, str(photo))
     assert set(probabilities) == set(CLASS_NAMES)
     for name, value in probabilities.items():
         assert value == pytest.approx(expected[name], abs=1e-6)
@@ -66,7 +66,7 @@ def test_the_demo_and_predict_give_the_same_probabilities_for_a_file(tiny_checkp
 )
 def test_a_bad_upload_gets_a_message_in_the_page(tiny_checkpoint, tmp_path, make, message):
     path = make(tmp_path)
-    shown, note, probabilities = classify(load_for_demo(tiny_checkpoint).model, str(path) if path else None)
+    shown, note, probabilities = classify(describe_checkpoint(tiny_checkpoint).model, str(path) if path else None)
     assert shown is None and probabilities is None
     assert message in note
 
@@ -79,7 +79,7 @@ def _truncated_png(tmp_path):
 
 
 def test_the_page_says_what_the_checkpoint_is(tiny_checkpoint):
-    loaded = load_for_demo(tiny_checkpoint)
+    loaded = describe_checkpoint(tiny_checkpoint)
     assert loaded.recipe == "original network, Adam, the original recipe"
     assert loaded.test_accuracy is None  # its run was not tested
 
@@ -169,7 +169,7 @@ def test_the_demo_in_a_real_browser(tiny_checkpoint, tiny_data_dir, workspace, t
     image = load_split(tiny_data_dir, train=False).images[0, 0].numpy()
     picture = tmp_path / "test-image-0.png"
     Image.fromarray(image).save(picture)
-    expected = classify(load_for_demo(tiny_checkpoint).model, str(picture))[2]
+    expected = classify(describe_checkpoint(tiny_checkpoint).model, str(picture))[2]
 
     port, scratch = screenshots.free_port(), tmp_path / "scratch"
     scratch.mkdir()

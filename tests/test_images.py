@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist_lightning.data.images import Invert, fit_to_square, has_light_border, iter_image_paths, load_image
+from fmnist_lightning.data.decode import Invert, fit_to_square, has_light_border, load_image
+from fmnist_lightning.data.images import iter_image_paths
 from helpers import declared_size_png, tiny_split
 
 
@@ -169,7 +170,7 @@ def test_inputs_that_would_hang_or_explode_are_refused_before_decoding(tmp_path,
 def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, garment, monkeypatch):
     path = tmp_path / "big.png"
     Image.fromarray(garment).save(path)
-    monkeypatch.setattr("fmnist_lightning.data.images.MAX_FILE_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr("fmnist_lightning.data.decode.MAX_FILE_BYTES", path.stat().st_size - 1)
     with pytest.raises(ValueError, match=r"file of [\d,]+ bytes, over the"):
         load_image(path)
 

@@ -10,24 +10,12 @@ import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from fmnist_lightning import CLASS_NAMES
+from fmnist_lightning.commands.described import LoadedCheckpoint
 from fmnist_lightning.data.batches import in_batches
-from fmnist_lightning.data.images import Invert, prepare_image
+from fmnist_lightning.data.decode import Invert, prepare_image
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.reports.metrics_log import METRICS_FILE, RunMetrics, read_run, run_name
-
-
-@dataclass
-class LoadedCheckpoint:
-    """The model and what the page says about it."""
-
-    model: FashionMNISTClassifier
-    path: Path
-    recipe: str
-    test_accuracy: float | None
-    data_dir: str
-    system_dir: str
-
 
 GALLERY_SIZE = 48  # images shown for one confusion-matrix cell, most confident first
 
@@ -46,7 +34,7 @@ def classify(
 ) -> tuple[np.ndarray | None, str, dict[str, float] | None]:
     """The "Try it" tab: the image the model receives (enlarged), what was done to it, and the probabilities.
 
-    Uses `predict`'s own preparation (`images.prepare_image`), so both give the same probabilities.
+    Uses `predict`'s own preparation (`decode.prepare_image`), so both give the same probabilities.
     """
     if not path:
         return None, "Upload a picture or draw one.", None

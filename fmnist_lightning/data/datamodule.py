@@ -18,8 +18,9 @@ from fmnist_lightning.data.batches import (
     TensorBatchDataset,
     already_collated,
 )
+from fmnist_lightning.data.decode import Invert
 from fmnist_lightning.data.files import SYSTEM_DATA_DIR, check_split_files, ensure_dataset, split_paths
-from fmnist_lightning.data.images import ImageFileDataset, Invert, collate_image_records
+from fmnist_lightning.data.images import ImageFileDataset, collate_image_records
 from fmnist_lightning.errors import UserError
 
 NUM_CLASSES = 10
