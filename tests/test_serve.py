@@ -122,43 +122,46 @@ def truncated_png() -> bytes:
     return png_bytes(dark_shoe_on_white())[:60]
 
 
-def form_without_file(client):
+def form_without_file(client, tmp):
     return client.post("/predict", files={"image": ("x.png", png_bytes(dark_shoe_on_white()), "image/png")})
 
 
 @pytest.mark.parametrize(
     ("send", "status", "message"),
     [
-        (lambda c: predict_file(c, "notes.png", b"not a picture"), 400, "not an image Pillow can read"),
-        (lambda c: predict_file(c, "cut.png", truncated_png()), 400, "unreadable image"),
-        (lambda c: predict_file(c, "empty.png", b""), 400, "the file is empty (0 bytes)"),
-        (lambda c: c.post("/predict", content=b"", headers={"Content-Type": "image/png"}), 400, "empty"),
-        (lambda c: c.post("/predict", json={"image": "abc"}), 415, "Content-Type application/json is not an image"),
-        (lambda c: c.post("/predict", content=b"\x89PNG"), 415, "no Content-Type is not an image upload"),
-        (lambda c: c.post("/predict", data={"file": "hello"}), 415, "application/x-www-form-urlencoded"),
-        (lambda c: c.post("/predict", files={"file": (None, "hello")}), 400, "holds text, not a file"),
+        (lambda c, _: predict_file(c, "notes.png", b"not a picture"), 400, "not an image Pillow can read"),
+        (lambda c, _: predict_file(c, "cut.png", truncated_png()), 400, "unreadable image"),
+        (lambda c, _: predict_file(c, "empty.png", b""), 400, "the file is empty (0 bytes)"),
+        (lambda c, _: c.post("/predict", content=b"", headers={"Content-Type": "image/png"}), 400, "empty"),
+        (lambda c, _: c.post("/predict", json={"image": "abc"}), 415, "Content-Type application/json is not an image"),
+        (lambda c, _: c.post("/predict", content=b"\x89PNG"), 415, "no Content-Type is not an image upload"),
+        (lambda c, _: c.post("/predict", data={"file": "hello"}), 415, "application/x-www-form-urlencoded"),
+        (lambda c, _: c.post("/predict", files={"file": (None, "hello")}), 400, "holds text, not a file"),
         (form_without_file, 400, "no image in the request (form fields: 'image')"),
-        (lambda c: predict_file(c, "big.png", bytes(MAX_BODY + 1)), 413, f"limit of {MAX_BODY:,} bytes"),
+        (lambda c, _: predict_file(c, "big.png", bytes(MAX_BODY + 1)), 413, f"limit of {MAX_BODY:,} bytes"),
         (
-            lambda c: c.post("/predict", content=bytes(MAX_BODY + 1), headers={"Content-Type": "image/png"}),
+            lambda c, _: c.post("/predict", content=bytes(MAX_BODY + 1), headers={"Content-Type": "image/png"}),
             413,
             "--max_body_mb",
         ),
         (
-            lambda c: predict_file(c, "huge.png", declared_size_png(Path(c.tmp) / "h.png", 9000, 9000).read_bytes()),
+            lambda c, tmp: predict_file(c, "huge.png", declared_size_png(tmp / "h.png", 9000, 9000).read_bytes()),
             413,
             "over the 64 megapixel limit",
         ),
-        (lambda c: c.post("/predict", files=[("file", ("x.png", b"\x89", "image/png"))] * 257), 413, "limit of 256"),
-        (lambda c: c.post("/predict", files={"file": ("a.png", b"x")}, data={"invert": "maybe"}), 400, "invert must"),
-        (lambda c: c.get("/predict"), 405, "method not allowed"),
-        (lambda c: c.get("/nowhere"), 404, "no such route"),
+        (lambda c, _: c.post("/predict", files=[("file", ("x.png", b"\x89", "image/png"))] * 257), 413, "limit of 256"),
+        (
+            lambda c, _: c.post("/predict", files={"file": ("a.png", b"x")}, data={"invert": "maybe"}),
+            400,
+            "invert must",
+        ),
+        (lambda c, _: c.get("/predict"), 405, "method not allowed"),
+        (lambda c, _: c.get("/nowhere"), 404, "no such route"),
     ],
 )
 def test_bad_input_is_a_4xx_json_answer_and_the_server_keeps_serving(served, tmp_path, send, status, message):
     client, _ = served
-    client.tmp = tmp_path
-    response = send(client)
+    response = send(client, tmp_path)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert client.get("/health").status_code == 200
