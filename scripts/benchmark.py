@@ -28,8 +28,11 @@ it to show how much the noise still moved it. Round 0 is a warm-up.
 
 `--whole-command` measures what a user waits for instead: the original Keras script
 (`scripts/keras_original.py`, run by `--keras-python`, a Python with tensorflow-cpu) and `fmnist fit
---config configs/base.yaml --test_after_fit true` as whole processes, taking turns pair after pair: wall
-time, CPU time, peak memory, seconds per epoch and test accuracy. `--background-load 0 1` repeats that
+--config configs/base.yaml [--config configs/RECIPE.yaml] --test_after_fit true` for each of `--recipes`
+(base, speedrun, ...) as whole processes, taking turns pair after pair: wall time, CPU time, peak memory,
+seconds per epoch and test accuracy, each at the recipe's own number of epochs. `--seeds` gives each pair of
+the recipes other than base a seed of its own; `--test-each-epoch` adds the test accuracy after every epoch
+against the seconds since launch (`scripts/time_to_accuracy.py` draws it). `--background-load 0 1` repeats that
 with that many busy processes (a torch loop on all cores, like another training) beside each command.
 """
 
@@ -50,14 +53,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from fmnist_lightning.data.datamodule import DEFAULT_DATA_DIR, FashionMNISTDataModule
+from fmnist_lightning.data.batches import in_batches
+from fmnist_lightning.data.datamodule import DEFAULT_DATA_DIR, FashionMNISTDataModule, official_test_set
 from fmnist_lightning.network import original_cnn
 from fmnist_lightning.training.speed import configure_runtime
 
 PIPELINES = ("b", "a_same", "a_default", "c")
 KERAS_SCRIPT = Path(__file__).resolve().with_name("keras_original.py")
 BUSY_LOOP = "import torch\na = torch.randn(256, 256)\nwhile True:\n    a = (a @ a).tanh_()"
-READY, EPOCH, RESULT = "BENCHMARK-READY", "BENCHMARK-EPOCH", "BENCHMARK-RESULT"
+READY, EPOCH, RESULT, CURVE = "BENCHMARK-READY", "BENCHMARK-EPOCH", "BENCHMARK-RESULT", "BENCHMARK-CURVE"
+START_ENV = "BENCHMARK_START"  # time.time() when the benchmark launched the command (the curve's zero)
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
@@ -311,26 +316,65 @@ class EpochClock(L.Callback):
         report_epoch(time.perf_counter() - self._start, time.perf_counter() - self._start)
 
 
+class TestEachEpoch(L.Callback):
+    """`--test-each-epoch`: the test accuracy after each epoch against the seconds since the benchmark launched
+    the command, for the time-to-accuracy curve. The extra test passes are measurement: their own seconds are
+    left out of the clock, and they touch nothing training reads (eval mode, no gradients, no random numbers)."""
+
+    def __init__(self) -> None:
+        self.measuring = 0.0
+        self.test_set: Any = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = time.time() - float(os.environ[START_ENV]) - self.measuring
+        start = time.perf_counter()
+        if self.test_set is None:
+            self.test_set = official_test_set(trainer.datamodule.data_dir)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            predicted = in_batches(
+                lambda images: pl_module(images.to(pl_module.device)).argmax(1), self.test_set.images
+            )
+        pl_module.train(was_training)
+        accuracy = (predicted.cpu() == self.test_set.labels).float().mean().item()
+        self.measuring += time.perf_counter() - start
+        print(f"{CURVE} {json.dumps({'seconds': elapsed, 'test_acc': accuracy})}", flush=True)
+
+
 def whole_commands(options: argparse.Namespace, logs: str) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """The command lines (and environments) of the original script and of the README's main command."""
+    """The command lines (and environments) of the original script and of `fmnist fit` with each recipe
+    (`configs/base.yaml`, then `configs/RECIPE.yaml` on top of it): the README's main command and the speed run."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    fmnist = [
-        sys.executable, "-m", "fmnist_lightning", "fit", "--config", str(BASE_CONFIG), "--test_after_fit", "true",
-        "--data.data_dir", options.data_dir, "--trainer.max_epochs", str(options.epochs),
-        "--trainer.logger.init_args.save_dir", logs, "--trainer.callbacks+=benchmark.EpochClock",
-    ]  # fmt: skip
-    commands = {"fmnist": (fmnist, env)}
+    commands = {}
     if options.keras_python and Path(options.keras_python).exists():
         keras = [options.keras_python, str(KERAS_SCRIPT), "--data-dir", options.data_dir]
-        commands = {"keras": ([*keras, "--epochs", str(options.epochs)], dict(os.environ)), **commands}
+        keras += ["--epochs", str(options.epochs or 10)] + (["--test-each-epoch"] if options.test_each_epoch else [])
+        commands["keras"] = (keras, dict(os.environ))
     else:
         print(f"benchmark: no Keras reference ({options.keras_python} not found); see scripts/keras_original.py")
+    for recipe in options.recipes:
+        configs = ["--config", str(BASE_CONFIG)]
+        if recipe != "base":
+            configs += ["--config", str(BASE_CONFIG.with_name(f"{recipe}.yaml"))]
+        fmnist = [
+            sys.executable, "-m", "fmnist_lightning", "fit", *configs, "--test_after_fit", "true",
+            "--data.data_dir", options.data_dir, "--trainer.logger.init_args.save_dir", logs,
+            "--trainer.callbacks+=benchmark.EpochClock",
+        ]  # fmt: skip
+        if options.epochs:
+            fmnist += ["--trainer.max_epochs", str(options.epochs)]
+        if options.test_each_epoch:
+            fmnist.append("--trainer.callbacks+=benchmark.TestEachEpoch")
+        commands[recipe] = (fmnist, env)
     return commands
 
 
 def timed_process(command: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run one command to its end: wall and CPU seconds, peak memory, its epochs and test accuracy."""
+    """Run one command to its end: wall and CPU seconds, peak memory, its epochs and test accuracy (and, with
+    `--test-each-epoch`, its time-to-accuracy curve)."""
     start = time.perf_counter()
+    env = {**env, START_ENV: repr(time.time())}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -349,7 +393,16 @@ def timed_process(command: list[str], env: dict[str, str]) -> dict[str, Any]:
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "epoch_seconds": statistics.median(epoch["epoch_seconds"] for epoch in epochs),
         "test_acc": float(accuracy),
+        "curve": [json.loads(line.split(CURVE, 1)[1]) for line in output.splitlines() if CURVE in line],
     }
+
+
+def seeded(name: str, command: list[str], options: argparse.Namespace, pair: int) -> list[str]:
+    """`--seeds`: pair i of a recipe other than base runs with the i-th seed; the base recipe keeps its
+    config's seed, so its numbers stay the reference ones."""
+    if not options.seeds or name in ("keras", "base"):
+        return command
+    return [*command, "--seed_everything", str(options.seeds[pair])]
 
 
 def run_whole_commands(options: argparse.Namespace) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -364,7 +417,8 @@ def run_whole_commands(options: argparse.Namespace) -> dict[str, dict[str, list[
                     print(f"benchmark: load {load}, pair {pair}, {name} ...", file=sys.stderr, flush=True)
                     busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(load)]
                     try:
-                        results[str(load)][name].append(timed_process(command, env))
+                        run = timed_process(seeded(name, command, options, pair), env)
+                        results[str(load)][name].append(run)
                     finally:
                         for process in busy:
                             process.kill()
@@ -392,12 +446,14 @@ def whole_command_report(results: dict[str, dict[str, list[dict[str, Any]]]]) ->
             )
     lines += ["", "| ratio | median (lowest-highest pair) |", "|---|---:|"]
     for load, commands in results.items():
-        if "keras" in commands:
+        if "keras" not in commands:
+            continue
+        for recipe in (name for name in commands if name != "keras"):
             for key, label in (("wall_seconds", "whole command"), ("epoch_seconds", "s / epoch")):
                 pairs = [
-                    ours[key] / theirs[key] for ours, theirs in zip(commands["fmnist"], commands["keras"], strict=True)
+                    ours[key] / theirs[key] for ours, theirs in zip(commands[recipe], commands["keras"], strict=True)
                 ]
-                lines.append(f"| fmnist / keras, {label}, load {load} | {spread(pairs, 3)} |")
+                lines.append(f"| fmnist {recipe} / keras, {label}, load {load} | {spread(pairs, 3)} |")
     if "0" in results:
         for load in (load for load in results if load != "0"):
             for name in results[load]:
@@ -564,7 +620,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="data folder (real Fashion-MNIST)")
     parser.add_argument(
-        "--epochs", type=int, default=6, help="epochs (rounds of turns) per pipeline, the first a warm-up"
+        "--epochs",
+        type=int,
+        help="epochs (rounds of turns) per pipeline, the first a warm-up (default 6); --whole-command: instead of "
+        "each recipe's own and the original's 10",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -587,8 +646,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--background-load", type=int, nargs="+", default=[0], help="--whole-command: busy processes beside each run"
     )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["base"],
+        help="--whole-command: fmnist recipes to time, base or a configs/NAME.yaml on top of it (e.g. speedrun)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="--whole-command: one seed per pair for the recipes other than base"
+    )
+    parser.add_argument(
+        "--test-each-epoch", action="store_true", help="--whole-command: test accuracy after each epoch (a curve)"
+    )
     parser.add_argument("--worker", choices=PIPELINES, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    for recipe in options.recipes:
+        if recipe != "base" and not BASE_CONFIG.with_name(f"{recipe}.yaml").is_file():
+            parser.error(f"--recipes {recipe}: no configs/{recipe}.yaml; name base or a file in configs/")
+    if options.seeds:
+        options.pairs = len(options.seeds)
+    if options.epochs is None and not options.whole_command:
+        options.epochs = 6
     if options.turn_steps < 0:
         parser.error(f"--turn-steps takes 0 (whole epochs) or a number of steps, got {options.turn_steps}")
     return options

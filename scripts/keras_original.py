@@ -12,13 +12,15 @@ line in the benchmark's format.
 
 import argparse
 import json
+import os
 import struct
 import time
 from pathlib import Path
 
 import numpy as np
 
-EPOCH, RESULT = "BENCHMARK-EPOCH", "BENCHMARK-RESULT"
+EPOCH, RESULT, CURVE = "BENCHMARK-EPOCH", "BENCHMARK-RESULT", "BENCHMARK-CURVE"
+START_ENV = "BENCHMARK_START"  # time.time() when the benchmark launched this process
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -31,6 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="torchvision's layout: DIR/FashionMNIST/raw/")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--test-each-epoch",
+        action="store_true",
+        help="also score the test set after each epoch (time-to-accuracy curve; its own time is left out)",
+    )
     options = parser.parse_args()
     raw = Path(options.data_dir) / "FashionMNIST" / "raw"
 
@@ -59,12 +66,23 @@ def main() -> None:
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     class EpochClock(keras.callbacks.Callback):
+        """Each epoch's seconds; with --test-each-epoch, also the test accuracy against the seconds since launch,
+        leaving out the time the extra test passes take (they are measurement, not training)."""
+
+        measuring = 0.0
+
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.start = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             seconds = time.perf_counter() - self.start
             print(f"{EPOCH} {json.dumps({'epoch_seconds': seconds, 'train_seconds': seconds})}", flush=True)
+            if options.test_each_epoch:
+                elapsed = time.time() - float(os.environ.get(START_ENV, time.time())) - self.measuring
+                start = time.perf_counter()
+                accuracy = self.model.evaluate(x_test, y_test, verbose=0, batch_size=500)[1]
+                self.measuring += time.perf_counter() - start
+                print(f"{CURVE} {json.dumps({'seconds': elapsed, 'test_acc': float(accuracy)})}", flush=True)
 
     model.fit(
         x_train,

@@ -156,7 +156,7 @@ def test_benchmark_refuses_a_negative_turn_length(capsys):
     assert "--turn-steps takes 0 (whole epochs) or a number of steps, got -1" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # two whole fit commands in processes of their own
+@pytest.mark.slow  # three whole fit commands in processes of their own
 def test_benchmark_times_whole_commands_against_the_keras_script(tiny_data_dir, tmp_path, capsys):
     keras = tmp_path / "keras-python"  # stands in for a Python with TensorFlow: two epochs and a result
     keras.write_text(
@@ -173,12 +173,48 @@ def test_benchmark_times_whole_commands_against_the_keras_script(tiny_data_dir, 
     )
     report = capsys.readouterr().out
     results = json.loads(out.read_text())["whole_command"]
-    assert set(results) == {"0", "1"} and set(results["0"]) == {"keras", "fmnist"}
+    assert set(results) == {"0", "1"} and set(results["0"]) == {"keras", "base"}
     for load in ("0", "1"):
-        ours, theirs = results[load]["fmnist"][0], results[load]["keras"][0]
+        ours, theirs = results[load]["base"][0], results[load]["keras"][0]
         assert ours["wall_seconds"] > ours["epoch_seconds"] > 0 and ours["cpu_seconds"] > 0
         assert ours["peak_rss_mb"] > 100 and 0 <= ours["test_acc"] <= 1
         assert theirs["epoch_seconds"] == 3.0 and theirs["test_acc"] == 0.9  # the median of its two epochs
-    ratio = results["0"]["fmnist"][0]["epoch_seconds"] / 3.0
-    assert f"| fmnist / keras, s / epoch, load 0 | {ratio:.3f} ({ratio:.3f}-{ratio:.3f}) |" in report
-    assert "| fmnist s / epoch, load 1 / load 0 |" in report
+    ratio = results["0"]["base"][0]["epoch_seconds"] / 3.0
+    assert f"| fmnist base / keras, s / epoch, load 0 | {ratio:.3f} ({ratio:.3f}-{ratio:.3f}) |" in report
+    assert "| base s / epoch, load 1 / load 0 |" in report
+
+
+@pytest.mark.slow  # a whole fit command
+def test_the_speed_run_is_timed_with_a_seed_per_pair_and_a_test_curve(tiny_data_dir, tmp_path):
+    benchmark = load_script("benchmark")
+    flags = ["--whole-command", "--data-dir", str(tiny_data_dir), "--keras-python", "", "--test-each-epoch"]
+    options = benchmark.parse_args([*flags, "--recipes", "speedrun", "--seeds", "7"])
+    assert options.pairs == 1 and options.epochs is None  # the recipe's own epochs
+    [run] = benchmark.run_whole_commands(options)["0"]["speedrun"]
+    assert [point["test_acc"] for point in run["curve"]][-1] == pytest.approx(run["test_acc"], abs=1e-4)
+    assert len(run["curve"]) == 3  # configs/speedrun.yaml's epochs
+    assert 0 < run["curve"][0]["seconds"] < run["curve"][-1]["seconds"] < run["wall_seconds"]
+
+
+def test_only_recipes_other_than_base_get_the_pair_seed():
+    benchmark = load_script("benchmark")
+    options = benchmark.parse_args(["--whole-command", "--recipes", "base", "speedrun", "--seeds", "3", "4"])
+    assert options.pairs == 2
+    assert benchmark.seeded("speedrun", ["fit"], options, 1) == ["fit", "--seed_everything", "4"]
+    assert benchmark.seeded("base", ["fit"], options, 1) == ["fit"]  # its reference numbers come from seed 42
+
+
+def test_the_benchmark_refuses_a_recipe_without_a_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("benchmark").parse_args(["--whole-command", "--recipes", "fastest"])
+    assert exit_info.value.code == 2
+    assert "--recipes fastest: no configs/fastest.yaml" in capsys.readouterr().err
+
+
+def test_time_to_accuracy_reads_the_first_epoch_at_each_level():
+    curves = load_script("time_to_accuracy")
+    run = {"wall_seconds": 30.0, "test_acc": 0.905, "curve": [
+        {"seconds": 10.0, "test_acc": 0.88}, {"seconds": 18.0, "test_acc": 0.901}, {"seconds": 26.0, "test_acc": 0.921},
+    ]}  # fmt: skip
+    assert curves.seconds_to(run["curve"], 0.90) == 18.0 and curves.seconds_to(run["curve"], 0.93) is None
+    assert "| speedrun | 30.0 | 0.9050 | 18.0 | 26.0 | - |" in curves.report({"speedrun": run})
