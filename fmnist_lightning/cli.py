@@ -32,6 +32,9 @@ TOOL_COMMANDS = {
     "lr_find": ToolCommand(
         "fmnist lr_find --config CONFIG", "runs Lightning's learning-rate finder", "lr_find:lr_find_command"
     ),
+    "explain": ToolCommand(
+        "fmnist explain --ckpt_path CKPT", "shows what the model looks at (Captum)", "explain:explain_command"
+    ),
     "demo": ToolCommand("fmnist demo --ckpt_path last", "serves a local web app", "demo:demo_command"),
     "serve": ToolCommand("fmnist serve --ckpt_path last", "answers predictions over HTTP", "serve:serve_command"),
 }

@@ -12,7 +12,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 MAX_MESSAGE = 300
 # Packages a config may need that are optional extras (a Lightning logger, the demo): module -> extra.
-OPTIONAL_PACKAGES = {"tensorboard": "tensorboard", "tensorboardX": "tensorboard", "mlflow": "mlflow", "gradio": "demo"}
+OPTIONAL_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "tensorboardX": "tensorboard",
+    "mlflow": "mlflow",
+    "gradio": "demo",
+    "captum": "explain",
+}
 
 
 class UserError(Exception):

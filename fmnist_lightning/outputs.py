@@ -3,6 +3,7 @@ empty folders left behind by a failing command."""
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,29 @@ def atomic_write(destination: str | os.PathLike, mode: str = "wb", **open_kwargs
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `destination`, renamed into place (replacing a folder there) only if the block
+    completes; else removed, with the folders created on the way to it."""
+    destination = Path(destination)
+    with new_folders_removed_on_error(destination.parent):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
+        os.chmod(scratch, 0o777 & ~_current_umask())  # mkdtemp makes 0700; give the permissions mkdir would
+        try:
+            yield scratch
+            if destination.exists():  # a rename cannot replace a folder that holds files: move it aside first
+                replaced = scratch.with_name(f"{scratch.name}.old")
+                os.replace(destination, replaced)
+                os.replace(scratch, destination)
+                shutil.rmtree(replaced)
+            else:
+                os.replace(scratch, destination)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
 
 
 def _current_umask() -> int:

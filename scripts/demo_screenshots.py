@@ -56,9 +56,18 @@ def serves(url: str) -> bool:
         return False
 
 
+def shown_size(browser, element_id: str) -> str:
+    """`WxH` of the picture an element shows, as the browser decoded it; "" while there is none."""
+    return browser.execute_script(
+        "const image = document.querySelector(`#${arguments[0]} img`);"
+        "return image && image.complete && image.naturalWidth ? `${image.naturalWidth}x${image.naturalHeight}` : '';",
+        element_id,
+    )
+
+
 def capture(browser, url: str, picture: Path, out_dir: Path, prefix: str = "") -> dict[str, str]:
-    """Upload `picture` in "Try it", then visit each tab; saves `{prefix}{tab}.png`; returns the prediction's
-    text and each tab's."""
+    """Upload `picture` in "Try it", then visit each tab (in Mistakes, click the gallery's first image); saves
+    `{prefix}{tab}.png`; returns the prediction's text, each tab's, and the Grad-CAM pictures' sizes and note."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -74,10 +83,19 @@ def capture(browser, url: str, picture: Path, out_dir: Path, prefix: str = "") -
         return done and bool(prediction.strip()) and "processing" not in prediction  # not Gradio's spinner text
 
     wait.until(answered)
-    texts = {"prediction": browser.find_element(By.ID, "prediction").text}
+    wait.until(lambda page: shown_size(page, "gradcam"))
+    texts = {"prediction": browser.find_element(By.ID, "prediction").text, "gradcam": shown_size(browser, "gradcam")}
     for tab in TABS:
         browser.find_element(By.XPATH, f"//button[@role='tab' and contains(., '{tab}')]").click()
         wait.until(lambda page, ready=READY[tab]: ready in page.find_element(By.TAG_NAME, "body").text)
+        if tab == "Mistakes":  # where the model looks in the gallery's first (most confident) image
+            wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "button.thumbnail-item")))
+            browser.find_element(By.CSS_SELECTOR, "button.thumbnail-item").click()
+            wait.until(lambda page: shown_size(page, "mistake-gradcam"))
+            texts["mistake-gradcam"] = shown_size(browser, "mistake-gradcam")
+            texts["mistake-gradcam-note"] = browser.find_element(By.ID, "mistake-gradcam-note").text
+            browser.find_element(By.XPATH, "//button[@aria-label='Close' or @title='Close']").click()  # the grid again
+            browser.execute_script("window.scrollTo(0, 0)")
         time.sleep(1.5)  # let images and plots finish drawing
         browser.save_screenshot(str(out_dir / f"{prefix}{tab.lower().replace(' ', '_')}.png"))
         texts[tab] = browser.find_element(By.TAG_NAME, "body").text

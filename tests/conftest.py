@@ -55,6 +55,15 @@ def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
+def weak_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model stopped after 3 training batches: it gets about half the tiny test set wrong (the 2-epoch one
+    gets none), so it has mistakes to show and explain."""
+    workdir = tmp_path_factory.mktemp("weak-run")
+    run_main("fit", *tiny_fit_args(tiny_data_dir, epochs=1), "--trainer.limit_train_batches", "3", cwd=workdir)
+    return next((workdir / "runs" / "base" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+
+
+@pytest.fixture(scope="session")
 def workspace(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with its own copy of the data and one finished 2-epoch run (tests work on copies of it)."""
     root = tmp_path_factory.mktemp("workspace")

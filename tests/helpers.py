@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -199,6 +200,19 @@ class RecordTrainImages(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch == 0:
             Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def stopped_while_drawing(stop: str):
+    """A stand-in for `plots.write_figure` that writes half a picture, then is stopped by a real SIGTERM (through
+    the command's own handler) or by Ctrl-C."""
+
+    def interrupted(figure, file, image_format) -> None:
+        file.write(b"half a picture")
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    return interrupted
 
 
 def start_cli(*args: str, cwd: Path) -> subprocess.Popen:

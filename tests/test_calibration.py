@@ -4,7 +4,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import signal
 
 import pytest
@@ -16,7 +15,7 @@ from fmnist_lightning.data.datamodule import load_split
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.reports.calibration import CalibrationMetric, fit_temperature, summarize
 from fmnist_lightning.reports.callbacks import percent
-from helpers import run_main, tiny_fit_args, tree_snapshot
+from helpers import run_main, stopped_while_drawing, tiny_fit_args, tree_snapshot
 
 
 def test_calibration_numbers_match_a_hand_computed_example():
@@ -197,13 +196,7 @@ def test_calibrate_stopped_while_writing_leaves_nothing_half_written(
 ):
     from fmnist_lightning.reports import plots
 
-    def interrupted_while_drawing(figure, file, image_format):
-        file.write(b"half a picture")
-        if stop == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, through the command's own handler
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(plots, "write_figure", interrupted_while_drawing)
+    monkeypatch.setattr(plots, "write_figure", stopped_while_drawing(stop))
     checkpoint = tmp_path / "run" / "best.ckpt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(tiny_checkpoint.read_bytes())

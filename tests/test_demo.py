@@ -17,6 +17,8 @@ from fmnist_lightning.commands.demo_app import ENLARGE, ScoredTestSet, classify,
 from fmnist_lightning.commands.described import describe_checkpoint
 from fmnist_lightning.data.datamodule import load_split
 from fmnist_lightning.data.decode import load_image
+from fmnist_lightning.reports.attributions import attribution_maps
+from fmnist_lightning.reports.explanation_plots import overlay_rgb
 from helpers import cli_environment, declared_size_png, load_script, run_main, tiny_fit_args, tree_snapshot, wait_for
 
 
@@ -41,13 +43,20 @@ def test_the_demo_and_predict_give_the_same_probabilities_for_a_file(tiny_checkp
         (row,) = list(csv.DictReader(file))
     expected = {row[f"top{k}_class"]: float(row[f"top{k}_probability"]) for k in range(1, 11)}
 
-    shown, note, probabilities = classify(describe_checkpoint(tiny_checkpoint).model, str(photo))
+    model = describe_checkpoint(tiny_checkpoint).model
+    shown, overlay, note, probabilities = classify(model, str(photo))
     assert set(probabilities) == set(CLASS_NAMES)
     for name, value in probabilities.items():
         assert value == pytest.approx(expected[name], abs=1e-6)
     assert np.array_equal(shown[::ENLARGE, ::ENLARGE], load_image(photo))  # what the model received, enlarged
     assert shown.shape == (280, 280)
     assert "inverted: its border was light" in note
+    # beside it, `fmnist explain`'s Grad-CAM of the top class over the same picture, enlarged the same way
+    pixels = load_image(photo)
+    top = CLASS_NAMES.index(max(probabilities, key=probabilities.get))
+    heatmap = attribution_maps(model, torch.from_numpy(pixels)[None, None], "gradcam", torch.tensor([top]))[0]
+    assert overlay.shape == (280, 280, 3) and overlay.dtype == np.uint8
+    assert np.array_equal(overlay[::ENLARGE, ::ENLARGE], overlay_rgb(pixels, heatmap.numpy()))
 
 
 @pytest.mark.parametrize(
@@ -66,8 +75,10 @@ def test_the_demo_and_predict_give_the_same_probabilities_for_a_file(tiny_checkp
 )
 def test_a_bad_upload_gets_a_message_in_the_page(tiny_checkpoint, tmp_path, make, message):
     path = make(tmp_path)
-    shown, note, probabilities = classify(describe_checkpoint(tiny_checkpoint).model, str(path) if path else None)
-    assert shown is None and probabilities is None
+    shown, overlay, note, probabilities = classify(
+        describe_checkpoint(tiny_checkpoint).model, str(path) if path else None
+    )
+    assert shown is None and overlay is None and probabilities is None
     assert message in note
 
 
@@ -94,6 +105,22 @@ def test_a_confusion_cell_lists_its_images_most_confident_first():
     items, summary = scored.cell(CLASS_NAMES[0], CLASS_NAMES[1])
     assert [caption for _, caption in items] == ["#2: 90.00%", "#1: 80.00%"]
     assert summary.startswith("2 test images of class T-shirt/top predicted as Trouser (wrong)")
+
+
+def test_a_mistake_clicked_in_the_gallery_is_explained(tiny_checkpoint, tiny_data_dir):
+    model = describe_checkpoint(tiny_checkpoint).model
+    test = load_split(tiny_data_dir, train=False)
+    probabilities = torch.zeros(len(test.labels), len(CLASS_NAMES))
+    probabilities[:, 0] = 0.6  # every image predicted as class 0, image 7 the most confidently
+    probabilities[7, 0] = 0.9
+    scored = ScoredTestSet(test.images, test.labels, probabilities)
+    true_name = CLASS_NAMES[int(test.labels[7])]
+    overlay, caption = scored.explained(model, true_name, CLASS_NAMES[0], 0)  # the gallery's first image
+    heatmap = attribution_maps(model, test.images[7:8], "gradcam", torch.tensor([0]))[0]
+    assert np.array_equal(overlay[::ENLARGE, ::ENLARGE], overlay_rgb(test.images[7, 0].numpy(), heatmap.numpy()))
+    assert caption.startswith(
+        f"Test image #7: a {true_name} predicted as {CLASS_NAMES[0]} (90.00%). Grad-CAM of conv2d_1"
+    )
 
 
 def test_the_runs_tab_draws_the_chosen_runs(workspace):
@@ -158,7 +185,7 @@ def _busy_port(tmp_path):
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_the_demo_in_a_real_browser(tiny_checkpoint, tiny_data_dir, workspace, tmp_path):
+def test_the_demo_in_a_real_browser(weak_checkpoint, tiny_data_dir, workspace, tmp_path):
     screenshots = load_script("demo_screenshots")  # the same browser steps that take docs/demo_*.png
     try:
         browser = screenshots.chromium_driver()
@@ -169,11 +196,11 @@ def test_the_demo_in_a_real_browser(tiny_checkpoint, tiny_data_dir, workspace, t
     image = load_split(tiny_data_dir, train=False).images[0, 0].numpy()
     picture = tmp_path / "test-image-0.png"
     Image.fromarray(image).save(picture)
-    expected = classify(describe_checkpoint(tiny_checkpoint).model, str(picture))[2]
+    expected = classify(describe_checkpoint(weak_checkpoint).model, str(picture))[3]
 
     port, scratch = screenshots.free_port(), tmp_path / "scratch"
     scratch.mkdir()
-    args = ["--ckpt_path", str(tiny_checkpoint), "--port", str(port), "--runs_dir", str(workspace / "runs")]
+    args = ["--ckpt_path", str(weak_checkpoint), "--port", str(port), "--runs_dir", str(workspace / "runs")]
     server = subprocess.Popen(
         [sys.executable, "-m", "fmnist_lightning", "demo", *args, "--data_dir", str(tiny_data_dir)],
         cwd=tmp_path, env={**cli_environment(), "TMPDIR": str(scratch)}, stdout=subprocess.PIPE,
@@ -191,6 +218,9 @@ def test_the_demo_in_a_real_browser(tiny_checkpoint, tiny_data_dir, workspace, t
     assert max(expected, key=expected.get) in texts["prediction"].splitlines()[:2]  # the top class, as a heading
     assert "The model sees this 28x28 grayscale image" in texts["Try it"]
     assert "test images of class" in texts["Mistakes"] and "base/version_0" in texts["Runs"]
+    # the Grad-CAM overlays: beside the prediction, and of the gallery image clicked in Mistakes
+    assert texts["gradcam"] == texts["mistake-gradcam"] == "280x280", texts
+    assert texts["mistake-gradcam-note"].startswith("Test image #"), texts
     assert server.returncode == 0, output
     assert list(scratch.iterdir()) == []  # the uploads' folder is gone
     for name in ("try_it.png", "mistakes.png", "runs.png"):

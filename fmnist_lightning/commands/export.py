@@ -23,6 +23,7 @@ from fmnist_lightning.data.datamodule import DEFAULT_DATA_DIR, official_test_set
 from fmnist_lightning.errors import UserError
 from fmnist_lightning.module import FashionMNISTClassifier
 from fmnist_lightning.outputs import atomic_write, ensure_output_path, new_folders_removed_on_error
+from fmnist_lightning.training.run_folders import checkpoint_run_folder
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 MAX_ABS_DIFFERENCE = 1e-4
@@ -95,8 +96,7 @@ def _export_checked(
 
 def default_output(checkpoint_path: Path, format: str) -> Path:
     """runs/x/version_0/checkpoints/best.ckpt -> runs/x/version_0/best.onnx (the run's folder)."""
-    folder = checkpoint_path.parent.parent if checkpoint_path.parent.name == "checkpoints" else checkpoint_path.parent
-    return folder / f"{checkpoint_path.stem}{FORMATS[format]}"
+    return checkpoint_run_folder(checkpoint_path) / f"{checkpoint_path.stem}{FORMATS[format]}"
 
 
 def _write_onnx(module: nn.Module, example: np.ndarray, path: Path) -> Runner:

@@ -18,6 +18,12 @@ def run_folder(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def checkpoint_run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (RUN for RUN/checkpoints/x.ckpt), else the folder it is in:
+    where the tool commands put what they make from it."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def find_run_checkpoint(runs: Path, which: str) -> Path:
     """`last` or `best` checkpoint of the newest run under `runs`: a logger's save_dir/name (its version_N
     folders), or a folder of those (the demo's --runs_dir). The newest run is the one that saved a checkpoint
